@@ -1,0 +1,212 @@
+"""Segment dock widget: image layer + model -> instance Labels layer."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
+from napari.layers import Image, Labels
+from napari.utils.notifications import show_info, show_warning
+
+from ._background import BackgroundTask
+from .backend.inference import segment
+from .backend.registry import DEFAULT_MODEL, list_models, load_model
+from .backend.stacks import all_planes, fingerprint, leading_shape
+
+if TYPE_CHECKING:
+    import napari
+
+METADATA_KEY = "glas_seg"
+
+
+def output_layer_name(image_name: str) -> str:
+    return f"{image_name} glands"
+
+
+def writable_labels_layer(viewer: "napari.Viewer", name: str) -> Labels | None:
+    """The Labels layer called ``name`` if it holds exactly what glas-seg last wrote there.
+
+    A layer the user has painted on (or that glas-seg did not create) is never overwritten.
+    """
+    if name not in viewer.layers:
+        return None
+    layer = viewer.layers[name]
+    if not isinstance(layer, Labels):
+        return None
+    written = layer.metadata.get(METADATA_KEY, {}).get("fingerprint")
+    return layer if written == fingerprint(layer.data) else None
+
+
+def unique_layer_name(viewer: "napari.Viewer", name: str) -> str:
+    candidate, n = name, 1
+    while candidate in viewer.layers:
+        n += 1
+        candidate = f"{name} [{n}]"
+    return candidate
+
+
+class SegmentWidget(Container):
+    """Segment the chosen image layer into glands with a bundled or user model."""
+
+    def __init__(self, napari_viewer: "napari.Viewer") -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.task = BackgroundTask()
+        self.task.progressed.connect(self._on_progress)
+        self.task.finished.connect(self._on_finished)
+
+        self.image = ComboBox(label="Image", choices=self._image_layers, nullable=True)
+        self.model = ComboBox(label="Model", choices=self._model_names)
+        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.planes = ComboBox(label="Stack planes", choices=["current plane", "all planes"], value="current plane")
+        self.probabilities = CheckBox(text="Add probability layer", value=False)
+        self.advanced = CheckBox(text="Advanced options", value=False)
+        self.tile_size = SpinBox(label="Tile size", min=64, max=2048, step=32, value=384, visible=False)
+        self.overlap = FloatSpinBox(label="Tile overlap", min=0.0, max=0.75, step=0.05, value=0.25, visible=False)
+        self.tta = CheckBox(text="Flip test-time augmentation", value=False, visible=False)
+        self.min_size = SpinBox(label="Min object size (px)", min=0, max=100000, step=50, value=400, visible=False)
+        self.run_button = PushButton(text="Segment")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
+        self.status = Label(value="")
+        self.extend([
+            self.image, self.model, self.device, self.planes, self.probabilities, self.advanced,
+            self.tile_size, self.overlap, self.tta, self.min_size,
+            self.run_button, self.cancel_button, self.progress, self.status,
+        ])
+        if DEFAULT_MODEL in self.model.choices:
+            self.model.value = DEFAULT_MODEL
+        self.model.changed.connect(self._apply_model_defaults)
+        self.advanced.changed.connect(self._toggle_advanced)
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.task.cancel)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self.reset_choices)
+        napari_viewer.layers.selection.events.active.connect(self._follow_active_layer)
+        self._apply_model_defaults()
+        self._follow_active_layer()
+
+    # -- choices ---------------------------------------------------------------------------
+    def _image_layers(self, _widget=None) -> list:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _model_names(self, _widget=None) -> list[str]:
+        return [entry.name for entry in list_models()]
+
+    def refresh_models(self, select: str | None = None) -> None:
+        """Re-read the model store (called after fine-tuning adds a model)."""
+        self.model.reset_choices()
+        if select is not None and select in self.model.choices:
+            self.model.value = select
+
+    def _follow_active_layer(self, _event=None) -> None:
+        active = self.viewer.layers.selection.active
+        if isinstance(active, Image) and active in self.image.choices:
+            self.image.value = active
+
+    def _toggle_advanced(self, show: bool) -> None:
+        for widget in (self.tile_size, self.overlap, self.tta, self.min_size):
+            widget.visible = show
+
+    def _apply_model_defaults(self, _value=None) -> None:
+        for entry in list_models():
+            if entry.name == self.model.value:
+                self.tile_size.value = entry.config.tile_size
+                self.min_size.value = entry.config.min_size
+
+    # -- running ---------------------------------------------------------------------------
+    def run(self) -> None:
+        """Validate the inputs, then segment in the background."""
+        if self.task.running:
+            show_info("glas-seg: a segmentation is already running")
+            return
+        layer = self.image.value
+        if layer is None:
+            show_warning("glas-seg: open an image layer to segment (File > Open, or File > Open Sample > glas-seg)")
+            return
+        if not isinstance(layer, Image):
+            show_warning(f"glas-seg: {layer.name!r} is not an image layer; choose an image to segment")
+            return
+        if not self.model.value:
+            show_warning("glas-seg: no model is available")
+            return
+        data, rgb = layer.data, bool(layer.rgb)
+        if isinstance(data, list):  # multiscale: segment the full-resolution level
+            data = data[0]
+        try:
+            stack_shape = leading_shape(data.shape, rgb)
+        except ValueError as exc:
+            show_warning(f"glas-seg: {exc}")
+            return
+        if stack_shape and self.planes.value == "current plane":
+            step = self.viewer.dims.current_step[: len(stack_shape)]
+            planes = [tuple(int(i) for i in step)]
+        else:
+            planes = all_planes(data.shape, rgb) if stack_shape else [()]
+        options = dict(tile_size=self.tile_size.value, overlap=self.overlap.value, tta=self.tta.value)
+        model_name, device, min_size = self.model.value, self.device.value, self.min_size.value
+        want_probs = self.probabilities.value
+
+        def job(report, cancel):
+            model = load_model(model_name, device)
+            labels, probs = [], []
+            for i, index in enumerate(planes):
+                result = segment(
+                    model, np.asarray(data[index]), min_size=min_size, cancel=cancel,
+                    progress=lambda done, total, i=i: report(i * total + done, len(planes) * total), **options,
+                )
+                labels.append(result.labels)
+                probs.append(result.probabilities[1] + result.probabilities[2] if want_probs else None)
+            return planes, labels, probs, model.config.scale
+
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.visible = True
+        self.progress.value = 0
+        self.status.value = f"Segmenting {layer.name} ({len(planes)} plane{'s' * (len(planes) > 1)})..."
+        self.task.start(job, lambda out: self._add_layers(layer, stack_shape, *out), f"glas-seg: segmenting {layer.name}")
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+
+    def _on_finished(self, status: str) -> None:
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        self.progress.visible = False
+        if status == "cancelled":
+            self.status.value = "Cancelled; no layer was changed."
+        elif status == "failed":
+            self.status.value = f"Failed: {self.task.last_error}"
+
+    def _add_layers(self, image_layer: Image, stack_shape, planes, labels, probs, scale) -> None:
+        plane_shape = labels[0].shape
+        if stack_shape and len(planes) > 1:
+            full = np.zeros(stack_shape + plane_shape, dtype=np.int32)
+            for index, plane in zip(planes, labels):
+                full[index] = plane
+        elif stack_shape:
+            full = np.zeros(stack_shape + plane_shape, dtype=np.int32)
+            full[planes[0]] = labels[0]
+        else:
+            full = labels[0]
+        name = output_layer_name(image_layer.name)
+        meta = {METADATA_KEY: {"fingerprint": fingerprint(full), "model": self.model.value, "image": image_layer.name}}
+        target = writable_labels_layer(self.viewer, name)
+        if target is not None:
+            target.data = full
+            target.metadata = meta
+        else:
+            target = self.viewer.add_labels(
+                full, name=unique_layer_name(self.viewer, name), metadata=meta,
+                scale=image_layer.scale[: full.ndim], translate=image_layer.translate[: full.ndim],
+            )
+        if probs[0] is not None:
+            prob = probs[0] if len(probs) == 1 else np.stack(probs)
+            factor = 1 / scale
+            self.viewer.add_image(prob, name=unique_layer_name(self.viewer, f"{image_layer.name} gland probability"),
+                                  colormap="magma", opacity=0.5, contrast_limits=(0, 1), visible=False,
+                                  scale=[factor] * prob.ndim if prob.ndim == 2 else [1] * (prob.ndim - 2) + [factor] * 2)
+        count = len(np.unique(labels[-1])) - 1
+        self.status.value = f"{target.name}: {count} glands" + (f" in the last of {len(planes)} planes" if len(planes) > 1 else "")

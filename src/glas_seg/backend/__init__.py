@@ -1,0 +1,1 @@
+"""Qt-free core of glas-seg: models, data, training, inference, post-processing, metrics."""

@@ -1,0 +1,144 @@
+"""Model files: safetensors weights with the model's configuration as JSON in the header.
+
+One file per model, so that a model is written atomically and can never be half-updated,
+and loading it never executes code (safetensors holds only tensors and strings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+METADATA_KEY = "glas_seg"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model and run it the way it was trained.
+
+    Attributes
+    ----------
+    name : str
+        Model name shown to users.
+    architecture : str
+        Key in :data:`glas_seg.backend.models.ARCHITECTURES`.
+    arch_kwargs : dict
+        Builder keyword arguments.
+    task : {"glands", "nuclei"}
+    scale : float
+        Factor applied to the input image before the network (0.5 = half resolution).
+    mean, std : tuple of 3 floats
+        Per-channel normalisation applied to RGB in ``[0, 1]``.
+    class_names : tuple of str
+        Output channels, for the contour-aware head ``("background", "interior", "boundary")``.
+    tile_size : int
+        Default tile side in network pixels for sliding-window inference.
+    base_model : str or None
+        Model this one was fine-tuned from.
+    training : dict
+        Free-form record of data, epochs, wall time and validation metrics.
+    """
+
+    name: str
+    architecture: str
+    arch_kwargs: dict = field(default_factory=dict)
+    task: str = "glands"
+    scale: float = 0.5
+    mean: tuple = (0.5, 0.5, 0.5)
+    std: tuple = (0.25, 0.25, 0.25)
+    class_names: tuple = ("background", "interior", "boundary")
+    tile_size: int = 384
+    min_size: int = 400
+    base_model: str | None = None
+    description: str = ""
+    training: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps({"format_version": FORMAT_VERSION, **dataclasses.asdict(self)})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        data = json.loads(text)
+        data.pop("format_version", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in ("mean", "std", "class_names"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(path: str | Path, model: torch.nn.Module, config: ModelConfig, half: bool = False) -> Path:
+    """Write weights and configuration to one safetensors file, atomically.
+
+    Parameters
+    ----------
+    half : bool
+        Store floating-point weights as float16 (halves the file; loaded back as float32).
+    """
+    tensors = {}
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        if half and value.is_floating_point():
+            value = value.half()
+        tensors[key] = value
+    path = Path(path)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: config.to_json()}))
+    return path
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """Read only the configuration of a model file (fast: the header, not the weights)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path.name} is not a readable glas-seg model file ({exc})") from exc
+    if METADATA_KEY not in metadata:
+        raise ValueError(f"{path.name} is a safetensors file but not a glas-seg model (no configuration)")
+    try:
+        return ModelConfig.from_json(metadata[METADATA_KEY])
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ValueError(f"{path.name} has a damaged configuration ({exc})") from exc
+
+
+def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Read weights (as float32) and configuration of a model file."""
+    config = read_config(path)
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{Path(path).name} is damaged ({exc})") from exc
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, config
+
+
+def config_replace(config: ModelConfig, **changes: Any) -> ModelConfig:
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,172 @@
+"""Datasets: GlaS folders, image/label folder pairs, the patient-wise split, training batches."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from skimage.transform import rescale
+
+from .augment import Augmenter
+from .image_io import IMAGE_SUFFIXES, read_image, read_labels, to_float_rgb
+from .targets import contour_targets
+
+LABEL_SUFFIXES = ("_anno", "_label", "_labels", "_mask", "_gt")
+
+
+@dataclass
+class Sample:
+    """One annotated image: ``image`` float32 ``(H, W, 3)`` in [0, 1], ``labels`` int ``(H, W)``."""
+
+    name: str
+    image: np.ndarray
+    labels: np.ndarray
+
+
+def _stem_without_label_suffix(stem: str) -> str | None:
+    for suffix in LABEL_SUFFIXES:
+        if stem.endswith(suffix):
+            return stem[: -len(suffix)]
+    return None
+
+
+def find_pairs(images_dir: str | Path, labels_dir: str | Path | None = None) -> list[tuple[str, Path, Path]]:
+    """Pair images with label maps by file name.
+
+    Two layouts are understood: GlaS style, where ``X.bmp`` and ``X_anno.bmp`` (or ``_label``,
+    ``_labels``, ``_mask``, ``_gt``) sit in one folder; and two folders holding files with the
+    same stem (``images/X.png``, ``labels/X.tif``) or the suffixed stem.
+
+    Returns
+    -------
+    list of (name, image_path, label_path), sorted naturally by name.
+    """
+    images_dir = Path(images_dir)
+    labels_dir = Path(labels_dir) if labels_dir is not None else images_dir
+    for folder in {images_dir, labels_dir}:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"No such folder: {folder}")
+    label_files: dict[str, Path] = {}
+    for path in labels_dir.iterdir():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            base = _stem_without_label_suffix(path.stem)
+            if base is not None:
+                label_files[base] = path
+            elif labels_dir != images_dir:
+                label_files.setdefault(path.stem, path)
+    pairs = []
+    for path in images_dir.iterdir():
+        if path.suffix.lower() in IMAGE_SUFFIXES and _stem_without_label_suffix(path.stem) is None:
+            if path.stem in label_files:
+                pairs.append((path.stem, path, label_files[path.stem]))
+    return sorted(pairs, key=lambda p: natural_key(p[0]))
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``train_2`` before ``train_10``."""
+    import re
+
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def read_patients(grade_csv: str | Path) -> dict[str, str]:
+    """Map image name -> patient id from the GlaS ``Grade.csv``."""
+    with open(grade_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    key = next(k for k in rows[0] if k.strip().lower().startswith("patient"))
+    return {row["name"].strip(): row[key].strip() for row in rows}
+
+
+def patient_split(
+    names: list[str], patients: dict[str, str], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """Split image names so that no patient is on both sides.
+
+    Patients are shuffled with ``seed`` and given to validation until it holds at least
+    ``val_fraction`` of the images. Images without a known patient go to training.
+
+    Returns
+    -------
+    train_names, val_names : lists of str, each in the order of ``names``
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError("val_fraction must be between 0 and 1")
+    by_patient: dict[str, list[str]] = {}
+    for name in names:
+        if name in patients:
+            by_patient.setdefault(patients[name], []).append(name)
+    order = sorted(by_patient, key=natural_key)
+    np.random.default_rng(seed).shuffle(order)
+    target = val_fraction * len(names)
+    val: set[str] = set()
+    for patient in order:
+        if len(val) >= target:
+            break
+        val.update(by_patient[patient])
+    return [n for n in names if n not in val], [n for n in names if n in val]
+
+
+def glas_split(glas_root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
+    """Patient-wise split of a GlaS folder (``train/`` + ``Grade.csv``) into pairs lists."""
+    glas_root = Path(glas_root)
+    pairs = find_pairs(glas_root / "train")
+    patients = read_patients(glas_root / "Grade.csv")
+    train, val = patient_split([p[0] for p in pairs], patients, val_fraction, seed)
+    by_name = {p[0]: p for p in pairs}
+    return [by_name[n] for n in train], [by_name[n] for n in val]
+
+
+def load_sample(name: str, image_path: Path, label_path: Path) -> Sample:
+    image = to_float_rgb(read_image(image_path))
+    labels = read_labels(label_path)
+    if labels.shape != image.shape[:2]:
+        raise ValueError(f"{name}: labels {labels.shape} and image {image.shape[:2]} differ in size")
+    return Sample(name, image, labels)
+
+
+def rescale_sample(sample: Sample, scale: float) -> Sample:
+    """Image resampled smoothly, labels with nearest neighbour, to the model's working scale."""
+    if scale == 1:
+        return sample
+    image = rescale(sample.image, scale, channel_axis=-1, anti_aliasing=scale < 1, order=1).astype(np.float32)
+    labels = rescale(sample.labels, scale, order=0, anti_aliasing=False, preserve_range=True).astype(sample.labels.dtype)
+    return Sample(sample.name, image, labels)
+
+
+class PatchDataset(torch.utils.data.IterableDataset):
+    """Endless stream of augmented ``(image, target)`` crops from samples at working scale.
+
+    Yields
+    ------
+    image : float32 tensor ``(3, crop, crop)`` normalised with ``mean`` / ``std``
+    target : int64 tensor ``(crop, crop)``, 0 background / 1 interior / 2 boundary
+    """
+
+    def __init__(self, samples: list[Sample], crop_size: int, mean, std, augment: bool = True, seed: int = 0,
+                 valid_masks: list[np.ndarray] | None = None) -> None:
+        if not samples:
+            raise ValueError("No training samples")
+        self.samples = samples
+        self.valid_masks = valid_masks
+        self.augmenter = Augmenter(crop_size, strength=1.0 if augment else 0.0, seed=seed)
+        self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        self.rng = np.random.default_rng(seed)
+
+    def __iter__(self):
+        while True:
+            i = int(self.rng.integers(len(self.samples)))
+            sample = self.samples[i]
+            # Shift ids by one so that 0 means "unknown": pixels outside the user's corrected
+            # regions, padding and the corners a rotation brings in; the loss ignores them (-1).
+            known = self.valid_masks[i] if self.valid_masks is not None else True
+            shifted = np.where(known, sample.labels.astype(np.int64) + 1, 0)
+            image, shifted = self.augmenter(sample.image, shifted)
+            ignore = shifted == 0
+            target = contour_targets(np.maximum(shifted - 1, 0)).astype(np.int64)
+            target[ignore] = -1
+            image_t = (torch.from_numpy(image).permute(2, 0, 1) - self.mean) / self.std
+            yield image_t, torch.from_numpy(target)

@@ -1,0 +1,110 @@
+"""Reading images and label maps, and the one normalisation shared by training and inference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from skimage import io as skio
+
+IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read a PNG, BMP, JPEG or TIFF file into an array as stored on disk.
+
+    Parameters
+    ----------
+    path : str or Path
+        Image file.
+
+    Returns
+    -------
+    image : ndarray
+        ``(H, W)``, ``(H, W, C)`` or, for multi-page TIFF, ``(N, H, W[, C])``; dtype as stored.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No such image file: {path}")
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            return tifffile.imread(path)
+        return np.asarray(skio.imread(path))
+    except Exception as exc:  # the readers raise many types; the user needs the file name
+        raise ValueError(f"Could not read image {path.name}: {exc}") from exc
+
+
+def read_labels(path: str | Path) -> np.ndarray:
+    """Read an instance label map (0 = background, ids kept as stored).
+
+    Returns
+    -------
+    labels : ndarray of int32 or int64, shape ``(H, W)``
+    """
+    labels = read_image(path)
+    if labels.ndim == 3 and labels.shape[-1] in (3, 4):
+        # Some tools save label maps as RGB with identical channels.
+        if not np.array_equal(labels[..., 0], labels[..., 1]):
+            raise ValueError(f"{Path(path).name} is a colour image, not a label map")
+        labels = labels[..., 0]
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{Path(path).name}: label maps must hold integers, got {labels.dtype}")
+    return labels.astype(np.int64 if labels.max(initial=0) > np.iinfo(np.int32).max else np.int32)
+
+
+def to_float_rgb(image: np.ndarray) -> np.ndarray:
+    """Convert any supported 2D image to float32 RGB in ``[0, 1]``.
+
+    The single normalisation used by training, fine-tuning and inference, so that a
+    16-bit or float copy of an image gives the same prediction as its 8-bit original.
+
+    Parameters
+    ----------
+    image : ndarray, shape ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)`` or ``(H, W, 4)``
+        uint8 (divided by 255), other integers (divided by 255 or 4095 when the values fit
+        in 8 or 12 bits, else by the dtype's maximum), bool, or float
+        (kept if already in ``[0, 1]``, else divided by 255 when within ``[0, 255]``, else
+        min-max scaled). Alpha is dropped; grey is repeated to three channels.
+
+    Returns
+    -------
+    rgb : ndarray of float32, shape ``(H, W, 3)``
+
+    Raises
+    ------
+    ValueError
+        For other shapes, NaN or infinite values, or images smaller than 16 pixels a side.
+    """
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[-1] in (1, 3, 4):
+        image = image[..., :3] if image.shape[-1] >= 3 else image[..., 0]
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(
+            f"Expected a 2D grey, RGB or RGBA image, got shape {image.shape}; "
+            "for stacks choose a plane first"
+        )
+    if min(image.shape[:2]) < 16:
+        raise ValueError(f"Image is too small to segment ({image.shape[0]}x{image.shape[1]} pixels)")
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0
+    if image.dtype == bool:
+        return image.astype(np.float32)
+    if np.issubdtype(image.dtype, np.integer):
+        # Wider integer images are often 8- or 12-bit data in a 16-bit container.
+        top = int(image.max(initial=0))
+        scale = 255 if top <= 255 else 4095 if top <= 4095 else np.iinfo(image.dtype).max
+        return np.clip(image.astype(np.float32) / scale, 0, 1)
+    if not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"Unsupported image dtype {image.dtype}")
+    image = image.astype(np.float32)
+    if not np.isfinite(image).all():
+        raise ValueError("Image contains NaN or infinite values")
+    lo, hi = float(image.min()), float(image.max())
+    if lo >= 0 and hi <= 1:
+        return image
+    if lo >= 0 and hi <= 255:
+        return image / 255.0
+    return (image - lo) / max(hi - lo, 1e-12)

@@ -1,0 +1,181 @@
+"""Sliding-window inference with blended overlapping tiles, and segmentation end to end."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .image_io import to_float_rgb
+from .postprocess import instances_from_probabilities, resize_labels
+from .registry import LoadedModel
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class Cancelled(Exception):
+    """Raised inside a run when the user cancels it; nothing it was computing is kept."""
+
+
+@dataclass
+class Segmentation:
+    """Result of :func:`segment`.
+
+    labels : int32 ``(H, W)`` instance ids at the input's size.
+    probabilities : float32 ``(C, h, w)`` class probabilities at the model's working scale.
+    """
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets covering ``[0, length)`` with tiles of ``tile``; the last one is flush."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def blend_window(height: int, width: int) -> torch.Tensor:
+    """2D weights, ``(height, width)``, that fall smoothly towards a tile's edges but never reach zero.
+
+    Padded convolutions see less context near a tile's edge; down-weighting those pixels
+    where another tile covers them removes seams.
+    """
+
+    def ramp(n: int) -> torch.Tensor:
+        return (torch.sin(torch.linspace(0, torch.pi, n + 2)[1:-1]) ** 2).clamp_min(1e-3)
+
+    return ramp(height)[:, None] * ramp(width)[None, :]
+
+
+def prepare_input(image: np.ndarray, model: LoadedModel) -> torch.Tensor:
+    """Normalise an image and resample it to the model's working scale.
+
+    Returns
+    -------
+    float32 tensor ``(1, 3, h, w)`` on the CPU.
+    """
+    rgb = torch.from_numpy(to_float_rgb(image)).permute(2, 0, 1)[None]
+    scale = model.config.scale
+    if scale != 1:
+        size = [max(1, round(s * scale)) for s in rgb.shape[-2:]]
+        rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=scale < 1)
+    mean = torch.tensor(model.config.mean, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(model.config.std, dtype=torch.float32)[:, None, None]
+    return (rgb - mean) / std
+
+
+def _should_stop(cancel) -> bool:
+    if cancel is None:
+        return False
+    if isinstance(cancel, threading.Event):
+        return cancel.is_set()
+    return bool(cancel())
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: LoadedModel,
+    image: np.ndarray,
+    tile_size: int | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    tta: bool = False,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | Callable[[], bool] | None = None,
+) -> np.ndarray:
+    """Class probabilities of a 2D image at the model's working scale.
+
+    Parameters
+    ----------
+    image : ndarray, shape ``(H, W[, C])``, any dtype :func:`to_float_rgb` accepts
+    tile_size : int, optional
+        Tile side in network pixels (default: the model's). Images up to this size run whole.
+    overlap : float in [0, 0.9]
+        Fraction of a tile shared with its neighbour.
+    batch_size : int
+        Tiles per forward pass.
+    tta : bool
+        Average over horizontal and vertical flips (3x slower).
+    progress : callable(done, total), optional
+    cancel : threading.Event or callable returning bool, optional
+        Checked between batches; :class:`Cancelled` is raised when set.
+
+    Returns
+    -------
+    probabilities : ndarray of float32, shape ``(num_classes, h, w)``
+    """
+    if not 0 <= overlap <= 0.9:
+        raise ValueError("overlap must be between 0 and 0.9")
+    x = prepare_input(image, model)
+    _, _, h, w = x.shape
+    tile = int(tile_size or model.config.tile_size)
+    # Tiles must be multiples of the network's total stride; small images are padded up.
+    multiple = 2 ** model.config.arch_kwargs.get("depth", 4)
+    tile = max(multiple, tile // multiple * multiple)
+    pad_h, pad_w = max(0, min(tile, -(-h // multiple) * multiple) - h), max(0, min(tile, -(-w // multiple) * multiple) - w)
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
+    H, W = x.shape[-2:]
+    th, tw = min(tile, H), min(tile, W)
+    stride_h, stride_w = max(1, int(th * (1 - overlap))), max(1, int(tw * (1 - overlap)))
+    boxes = [(y, x0) for y in tile_starts(H, th, stride_h) for x0 in tile_starts(W, tw, stride_w)]
+    window = blend_window(th, tw)
+    num_classes = len(model.config.class_names)
+    total = torch.zeros(num_classes, H, W)
+    weight = torch.zeros(1, H, W)
+    device = model.device
+    use_amp = device.type == "cuda"
+    flips = [[], [-1], [-2]] if tta else [[]]
+    for start in range(0, len(boxes), batch_size):
+        if _should_stop(cancel):
+            raise Cancelled()
+        chunk = boxes[start : start + batch_size]
+        batch = torch.stack([x[0, :, y : y + th, x0 : x0 + tw] for y, x0 in chunk]).to(device)
+        probs = 0
+        with torch.autocast(device.type, enabled=use_amp):
+            for dims in flips:
+                inp = batch.flip(dims) if dims else batch
+                out = torch.softmax(model.network(inp).float(), dim=1)
+                probs = probs + (out.flip(dims) if dims else out)
+        probs = (probs / len(flips)).cpu()
+        for (y, x0), p in zip(chunk, probs):
+            total[:, y : y + th, x0 : x0 + tw] += p * window
+            weight[:, y : y + th, x0 : x0 + tw] += window
+        if progress is not None:
+            progress(min(start + batch_size, len(boxes)), len(boxes))
+    return (total / weight)[:, :h, :w].numpy()
+
+
+def segment(
+    model: LoadedModel,
+    image: np.ndarray,
+    min_size: int | None = None,
+    **predict_kwargs,
+) -> Segmentation:
+    """Instance labels for a 2D image: tiled prediction, then watershed post-processing.
+
+    Parameters
+    ----------
+    image : ndarray, shape ``(H, W[, C])``
+    min_size : int, optional
+        Smallest object kept, in pixels of the input image (default: the model's).
+    **predict_kwargs
+        Passed to :func:`predict_probabilities` (tile_size, overlap, tta, progress, cancel...).
+
+    Returns
+    -------
+    Segmentation
+        ``labels`` int32 ``(H, W)`` and ``probabilities`` at the working scale.
+    """
+    probabilities = predict_probabilities(model, image, **predict_kwargs)
+    scale = model.config.scale
+    min_size = model.config.min_size if min_size is None else min_size
+    labels = instances_from_probabilities(probabilities, min_size=max(1, round(min_size * scale**2)))
+    return Segmentation(resize_labels(labels, np.asarray(image).shape[:2]), probabilities)

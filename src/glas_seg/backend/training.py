@@ -1,0 +1,247 @@
+"""Training core shared by `glas-seg train`, fine-tuning and the napari widget.
+
+A run writes into one folder: ``last.safetensors`` (model), ``last_optimizer.pt`` (optimizer
+and schedule, loaded with ``weights_only=True``), ``state.json`` (iteration, history) and
+``best.safetensors`` (best validation object F1). Every file is replaced atomically, so a run
+killed at any moment resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .checkpoint import ModelConfig, atomic_write, load_state, save_model
+from .data import PatchDataset, Sample, rescale_sample
+from .inference import Cancelled, _should_stop, segment
+from .metrics import f1_from_counts, object_detection_counts, pixel_dice
+from .registry import LoadedModel, build_model, pick_device
+
+
+@dataclass
+class TrainSettings:
+    """Hyper-parameters of a training run (all have working defaults for GlaS on a CPU)."""
+
+    iterations: int = 4000
+    eval_every: int = 250
+    batch_size: int = 8
+    crop_size: int = 192
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # or "amsgrad"
+    warmup: int = 100
+    boundary_weight: float = 3.0
+    dice_weight: float = 1.0
+    augment: bool = True
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class TrainState:
+    iteration: int = 0
+    best_object_f1: float = -1.0
+    history: list = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+def contour_loss(logits: torch.Tensor, target: torch.Tensor, boundary_weight: float, dice_weight: float) -> torch.Tensor:
+    """Weighted cross-entropy plus soft Dice on the interior and boundary classes.
+
+    Parameters
+    ----------
+    logits : float tensor ``(N, 3, H, W)``
+    target : int64 tensor ``(N, H, W)``; -1 marks ignored pixels
+    """
+    weights = torch.tensor([1.0, 1.0, boundary_weight], device=logits.device)
+    ce = F.cross_entropy(logits.float(), target, weight=weights, ignore_index=-1)
+    if dice_weight == 0:
+        return ce
+    valid = (target >= 0).unsqueeze(1).float()
+    probs = torch.softmax(logits.float(), dim=1) * valid
+    onehot = F.one_hot(target.clamp_min(0), logits.shape[1]).permute(0, 3, 1, 2).float() * valid
+    dims = (0, 2, 3)
+    intersection = (probs * onehot).sum(dims)[1:]
+    denominator = (probs + onehot).sum(dims)[1:]
+    dice = (2 * intersection + 1) / (denominator + 1)
+    return ce + dice_weight * (1 - dice.mean())
+
+
+def evaluate(model: LoadedModel, samples: list[Sample]) -> dict[str, float]:
+    """Segment full-resolution samples and score them.
+
+    Returns
+    -------
+    dict with ``pixel_dice`` (mean per image), ``object_f1`` (mean per image) and
+    ``object_f1_pooled`` (TP/FP/FN summed over all images, as the GlaS challenge does).
+    """
+    dices, f1s, totals = [], [], {"tp": 0, "fp": 0, "fn": 0}
+    for sample in samples:
+        labels = segment(model, sample.image).labels
+        counts = object_detection_counts(labels, sample.labels)
+        for key in totals:
+            totals[key] += counts[key]
+        f1s.append(f1_from_counts(**counts))
+        dices.append(pixel_dice(labels, sample.labels))
+    return {
+        "pixel_dice": float(np.mean(dices)),
+        "object_f1": float(np.mean(f1s)),
+        "object_f1_pooled": f1_from_counts(**totals),
+    }
+
+
+def _schedule(settings: TrainSettings) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < settings.warmup:
+            return (step + 1) / settings.warmup
+        progress = (step - settings.warmup) / max(1, settings.iterations - settings.warmup)
+        return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def train(
+    config: ModelConfig,
+    settings: TrainSettings,
+    train_samples: list[Sample],
+    val_samples: list[Sample],
+    out_dir: str | Path,
+    init_state: dict | None = None,
+    valid_masks: list[np.ndarray] | None = None,
+    progress: Callable[[dict], None] | None = None,
+    cancel=None,
+) -> tuple[LoadedModel, TrainState]:
+    """Train (or resume training) a model and keep its best checkpoint.
+
+    Parameters
+    ----------
+    config : ModelConfig
+        Architecture and working scale of the model; stored with the weights.
+    train_samples, val_samples : list of Sample
+        Full-resolution images and instance labels; ``val_samples`` may be empty.
+    out_dir : path
+        Run folder; an existing run there with the same settings is resumed.
+    init_state : dict, optional
+        Starting weights (fine-tuning); ignored when resuming.
+    valid_masks : list of bool ndarray, optional
+        Per training sample, where its labels are trustworthy; elsewhere the loss ignores pixels.
+    progress : callable(dict), optional
+        Called after every iteration with ``iteration``, ``total``, ``loss``, ``lr`` and, after
+        each validation, the validation metrics.
+    cancel : threading.Event or callable, optional
+        Checked every iteration; :class:`Cancelled` is raised when set. Checkpoints already
+        written stay valid.
+
+    Returns
+    -------
+    model : LoadedModel
+        The final model (eval mode).
+    state : TrainState
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = pick_device(settings.device)
+    torch.manual_seed(settings.seed)
+    network = build_model(config).to(device)
+    optimizer = torch.optim.AdamW(
+        network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay,
+        amsgrad=settings.optimizer == "amsgrad",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
+    state = TrainState()
+    state_file = out_dir / "state.json"
+    if state_file.exists() and (out_dir / "last.safetensors").exists():
+        weights, _ = load_state(out_dir / "last.safetensors")
+        network.load_state_dict(weights)
+        extra = torch.load(out_dir / "last_optimizer.pt", map_location=device, weights_only=True)
+        optimizer.load_state_dict(extra["optimizer"])
+        scheduler.load_state_dict(extra["scheduler"])
+        state = TrainState(**json.loads(state_file.read_text())["state"])
+    elif init_state is not None:
+        network.load_state_dict(init_state)
+
+    scale = config.scale
+    small = [rescale_sample(s, scale) for s in train_samples]
+    masks = None
+    if valid_masks is not None:
+        masks = [rescale_sample(Sample("", s.image, m.astype(np.uint8)), scale).labels.astype(bool)
+                 for s, m in zip(train_samples, valid_masks)]
+    dataset = PatchDataset(small, settings.crop_size, config.mean, config.std, settings.augment,
+                           seed=settings.seed + state.iteration, valid_masks=masks)
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=0))
+    use_amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    started = time.perf_counter() - state.wall_seconds
+
+    def checkpoint(metrics: dict | None) -> None:
+        state.wall_seconds = time.perf_counter() - started
+        record = replace_training(config, settings, state, len(train_samples), len(val_samples))
+        save_model(out_dir / "last.safetensors", network, record)
+        atomic_write(out_dir / "last_optimizer.pt",
+                     lambda tmp: torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp))
+        if metrics is not None and metrics["object_f1"] > state.best_object_f1:
+            state.best_object_f1 = metrics["object_f1"]
+            record = replace_training(config, settings, state, len(train_samples), len(val_samples), best=metrics)
+            save_model(out_dir / "best.safetensors", network, record)
+        atomic_write(state_file, lambda tmp: Path(tmp).write_text(json.dumps({"state": asdict(state), "settings": asdict(settings)}, indent=1)))
+
+    network.train()
+    running = None
+    while state.iteration < settings.iterations:
+        if _should_stop(cancel):
+            raise Cancelled()
+        images, targets = next(batches)
+        images, targets = images.to(device), targets.to(device)
+        with torch.autocast(device.type, enabled=use_amp):
+            loss = contour_loss(network(images), targets, settings.boundary_weight, settings.dice_weight)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        state.iteration += 1
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        event = {"iteration": state.iteration, "total": settings.iterations, "loss": running,
+                 "lr": scheduler.get_last_lr()[0]}
+        at_eval = state.iteration % settings.eval_every == 0 or state.iteration == settings.iterations
+        metrics = None
+        if at_eval:
+            if val_samples:
+                network.eval()
+                metrics = evaluate(LoadedModel(network, config, device), val_samples)
+                network.train()
+                event.update(metrics)
+            state.history.append({k: v for k, v in event.items() if k != "total"})
+            checkpoint(metrics if metrics else {"object_f1": 0.0} if not val_samples else None)
+        if progress is not None:
+            progress(event)
+    network.eval()
+    return LoadedModel(network, config, device), state
+
+
+def replace_training(config: ModelConfig, settings: TrainSettings, state: TrainState, n_train: int, n_val: int,
+                     best: dict | None = None) -> ModelConfig:
+    """Copy of ``config`` whose ``training`` record describes this run so far."""
+    import dataclasses
+
+    record = dict(config.training)
+    record.update({
+        "iterations": state.iteration,
+        "batch_size": settings.batch_size,
+        "crop_size": settings.crop_size,
+        "train_images": n_train,
+        "val_images": n_val,
+        "wall_seconds": round(state.wall_seconds, 1),
+        "device": str(pick_device(settings.device)),
+    })
+    if best is not None:
+        record["validation"] = {k: round(v, 4) for k, v in best.items()}
+    return dataclasses.replace(config, training=record)

@@ -1,0 +1,158 @@
+"""Command line: ``glas-seg segment``, ``glas-seg train`` (more subcommands register themselves)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  glas-seg segment slide1.png slide2.tif --out results/
+  glas-seg train --data ../shared/data/glas --out runs/unet --iterations 4000
+"""
+
+
+def _progress_bar(total: int, desc: str, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    import tifffile
+
+    from .backend.image_io import read_image
+    from .backend.inference import segment
+    from .backend.registry import load_model
+
+    model = load_model(args.model, args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    with _progress_bar(len(args.images), "segment", "image") as bar:
+        for path in map(Path, args.images):
+            try:
+                image = read_image(path)
+                result = segment(model, image, min_size=args.min_size, tile_size=args.tile_size,
+                                 overlap=args.overlap, tta=args.tta)
+            except (ValueError, FileNotFoundError) as exc:
+                bar.write(f"skipped {path}: {exc}")
+                failures += 1
+            else:
+                target = out / f"{path.stem}_labels.tif"
+                tifffile.imwrite(target, result.labels, compression="zlib")
+                bar.set_postfix_str(f"{path.name}: {int(result.labels.max())} objects")
+            bar.update()
+    return 1 if failures else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .backend.checkpoint import ModelConfig, save_model
+    from .backend.data import glas_split, load_sample
+    from .backend.models import ARCHITECTURES
+    from .backend.training import TrainSettings, train
+
+    if args.model not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {args.model!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    train_pairs, val_pairs = glas_split(args.data, args.val_fraction, args.seed)
+    print(f"{len(train_pairs)} training and {len(val_pairs)} validation images (patient-wise split)", file=sys.stderr)
+    train_samples = [load_sample(*p) for p in train_pairs]
+    val_samples = [load_sample(*p) for p in val_pairs]
+    arch_kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
+    config = ModelConfig(
+        name=args.name, architecture=args.model, arch_kwargs=arch_kwargs, task=args.task, scale=args.scale,
+        min_size=args.min_size,
+        training={"data": str(args.data), "split": f"patient-wise, val_fraction={args.val_fraction}, seed={args.seed}",
+                  "val_names": [p[0] for p in val_pairs]},
+    )
+    settings = TrainSettings(iterations=args.iterations, eval_every=args.eval_every, batch_size=args.batch_size,
+                             crop_size=args.crop_size, learning_rate=args.lr, optimizer=args.optimizer,
+                             seed=args.seed, device=args.device)
+    bar = _progress_bar(args.iterations, "train", "it")
+
+    def progress(event: dict) -> None:
+        bar.n = event["iteration"]
+        postfix = {"loss": f"{event['loss']:.3f}"}
+        if "object_f1" in event:
+            postfix.update(dice=f"{event['pixel_dice']:.3f}", f1=f"{event['object_f1']:.3f}")
+            bar.write(f"iteration {event['iteration']}: pixel Dice {event['pixel_dice']:.3f}, "
+                      f"object F1 {event['object_f1']:.3f} (pooled {event['object_f1_pooled']:.3f})")
+        bar.set_postfix(postfix, refresh=False)
+        bar.update(0)
+
+    bar.n = 0
+    _, state = train(config, settings, train_samples, val_samples, args.out, progress=progress)
+    bar.close()
+    best = Path(args.out) / "best.safetensors"
+    if args.export:
+        from .backend.checkpoint import load_state
+        from .backend.registry import build_model
+
+        weights, best_config = load_state(best)
+        network = build_model(best_config)
+        network.load_state_dict(weights)
+        save_model(args.export, network, best_config, half=True)
+        print(f"exported best model to {args.export}", file=sys.stderr)
+    print(f"best validation object F1 {state.best_object_f1:.3f}; run folder {args.out}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glas-seg", description="Gland and nucleus instance segmentation for H&E images.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    seg = sub.add_parser("segment", help="segment images into instance label TIFFs",
+                         description="Write <image stem>_labels.tif (uint32/int32 instance ids, same height and width) per image.")
+    seg.add_argument("images", nargs="+", help="PNG, BMP, JPEG or TIFF images")
+    seg.add_argument("--out", required=True, help="output folder (created if missing)")
+    seg.add_argument("--model", default="unet-glands", help="model name (see `glas-seg models`) or .safetensors path")
+    seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
+    seg.add_argument("--tile-size", type=int, default=None, help="tile side in network pixels")
+    seg.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction")
+    seg.add_argument("--min-size", type=int, default=None, help="smallest object kept, in image pixels")
+    seg.add_argument("--tta", action="store_true", help="average over flips (slower, slightly better)")
+    seg.set_defaults(func=cmd_segment)
+
+    tr = sub.add_parser("train", help="train a model on a GlaS-style folder",
+                        description="Train on DATA/train (X.bmp + X_anno.bmp) with a patient-wise validation split from DATA/Grade.csv.")
+    tr.add_argument("--data", required=True, help="folder with train/ and Grade.csv")
+    tr.add_argument("--out", required=True, help="run folder (resumed if it exists)")
+    tr.add_argument("--model", default="unet", help="architecture name")
+    tr.add_argument("--arch-kwargs", default="", help='builder arguments as JSON, e.g. \'{"width": 16}\'')
+    tr.add_argument("--name", default="unet-glands", help="model name stored in the weights")
+    tr.add_argument("--task", default="glands", choices=["glands", "nuclei"])
+    tr.add_argument("--scale", type=float, default=0.5, help="working scale relative to the images")
+    tr.add_argument("--iterations", type=int, default=4000)
+    tr.add_argument("--eval-every", type=int, default=250)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--crop-size", type=int, default=192)
+    tr.add_argument("--lr", type=float, default=2e-3)
+    tr.add_argument("--optimizer", default="adamw", choices=["adamw", "amsgrad"])
+    tr.add_argument("--min-size", type=int, default=400, help="default smallest object for this model, image pixels")
+    tr.add_argument("--val-fraction", type=float, default=0.2)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--export", default=None, help="also write the best model (fp16) to this .safetensors path")
+    tr.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"glas-seg: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("glas-seg: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

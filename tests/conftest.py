@@ -1,0 +1,31 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data; tests that need it fail (not skip) when it is missing."""
+    assert SHARED_DATA.is_dir(), f"real data expected at {SHARED_DATA} (see the README)"
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_model_store(tmp_path_factory, monkeypatch):
+    """User models go to a temporary folder, never to the developer's own store."""
+    monkeypatch.setenv("GLAS_SEG_MODEL_DIR", str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture
+def touching_squares() -> np.ndarray:
+    """Two touching 20x20 squares (ids 1, 2) and a separate one (id 5) on a 64x64 canvas."""
+    labels = np.zeros((64, 64), dtype=np.int32)
+    labels[5:25, 5:25] = 1
+    labels[5:25, 25:45] = 2
+    labels[40:60, 40:60] = 5
+    return labels
