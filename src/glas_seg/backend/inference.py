@@ -54,6 +54,14 @@ def blend_window(height: int, width: int) -> torch.Tensor:
     return ramp(height)[:, None] * ramp(width)[None, :]
 
 
+def size_multiple(network: torch.nn.Module) -> int:
+    """Side lengths a network needs its input to be a multiple of (its total stride).
+
+    Architectures declare it as a ``size_multiple`` attribute; 16 otherwise.
+    """
+    return int(getattr(network, "size_multiple", 16))
+
+
 def prepare_input(image: np.ndarray, model: LoadedModel) -> torch.Tensor:
     """Normalise an image and resample it to the model's working scale.
 
@@ -117,7 +125,7 @@ def predict_probabilities(
     _, _, h, w = x.shape
     tile = int(tile_size or model.config.tile_size)
     # Tiles must be multiples of the network's total stride; small images are padded up.
-    multiple = 2 ** model.config.arch_kwargs.get("depth", 4)
+    multiple = size_multiple(model.network)
     tile = max(multiple, tile // multiple * multiple)
     pad_h, pad_w = max(0, min(tile, -(-h // multiple) * multiple) - h), max(0, min(tile, -(-w // multiple) * multiple) - w)
     if pad_h or pad_w:

@@ -40,6 +40,7 @@ class TrainSettings:
     warmup: int = 100
     boundary_weight: float = 3.0
     dice_weight: float = 1.0
+    aux_weight: float = 0.4
     augment: bool = True
     seed: int = 0
     device: str = "auto"
@@ -73,6 +74,27 @@ def contour_loss(logits: torch.Tensor, target: torch.Tensor, boundary_weight: fl
     denominator = (probs + onehot).sum(dims)[1:]
     dice = (2 * intersection + 1) / (denominator + 1)
     return ce + dice_weight * (1 - dice.mean())
+
+
+def training_loss(output, target: torch.Tensor, settings: TrainSettings) -> torch.Tensor:
+    """Loss of a network's training-mode output.
+
+    Networks with auxiliary heads (deep supervision) return ``{"out": logits, "aux": [logits, ...]}``
+    in training mode; each auxiliary head is scored against the same target (upsampled to the
+    target's size) and their mean is added with weight ``settings.aux_weight``.
+    """
+    if isinstance(output, torch.Tensor):
+        return contour_loss(output, target, settings.boundary_weight, settings.dice_weight)
+    loss = contour_loss(output["out"], target, settings.boundary_weight, settings.dice_weight)
+    aux = output.get("aux") or []
+    if aux:
+        aux_losses = [
+            contour_loss(F.interpolate(a, size=target.shape[-2:], mode="bilinear", align_corners=False)
+                         if a.shape[-2:] != target.shape[-2:] else a, target, settings.boundary_weight, settings.dice_weight)
+            for a in aux
+        ]
+        loss = loss + settings.aux_weight * torch.stack(aux_losses).mean()
+    return loss
 
 
 def evaluate(model: LoadedModel, samples: list[Sample]) -> dict[str, float]:
@@ -201,7 +223,7 @@ def train(
         images, targets = next(batches)
         images, targets = images.to(device), targets.to(device)
         with torch.autocast(device.type, enabled=use_amp):
-            loss = contour_loss(network(images), targets, settings.boundary_weight, settings.dice_weight)
+            loss = training_loss(network(images), targets, settings)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -75,6 +75,7 @@ class UNet(nn.Module):
             Up(channels[i + 1], channels[i], channels[i], norm) for i in reversed(range(depth))
         )
         self.head = nn.Conv2d(channels[0], num_classes, 1)
+        self.size_multiple = 2**depth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
