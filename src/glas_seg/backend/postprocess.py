@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage.morphology import remove_small_objects
 from skimage.segmentation import relabel_sequential, watershed
 
 
@@ -28,6 +27,31 @@ def fill_holes_per_object(labels: np.ndarray) -> np.ndarray:
         crop = labels[box]
         filled = ndi.binary_fill_holes(crop == index)
         out[box][filled & (crop == 0)] = index
+    return out
+
+
+def remove_small_labels(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Set objects with fewer than ``min_size`` pixels to background (other ids unchanged).
+
+    Written with ``bincount`` rather than ``skimage.morphology.remove_small_objects`` because
+    that function's size argument changed meaning in scikit-image 0.26.
+
+    Parameters
+    ----------
+    labels : ndarray of non-negative int, any shape
+
+    Returns
+    -------
+    ndarray, same shape and dtype (a copy).
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0 or min_size <= 1:
+        return labels.copy()
+    ids, inverse = np.unique(labels, return_inverse=True)
+    sizes = np.bincount(inverse.ravel())
+    small = (sizes < min_size) & (ids != 0)
+    out = labels.copy()
+    out[small[inverse.reshape(labels.shape)]] = 0
     return out
 
 
@@ -60,14 +84,14 @@ def instances_from_probabilities(
     interior = probabilities[1]
     foreground = (1.0 - probabilities[0]) > foreground_threshold
     seeds, _ = ndi.label(interior > interior_threshold)
-    seeds = remove_small_objects(seeds, max(1, min_size // 4))
+    seeds = remove_small_labels(seeds, max(1, min_size // 4))
     labels = watershed(-interior, seeds, mask=foreground)
     # Foreground with no seed (e.g. a thin gland predicted as all boundary) becomes its own object.
     orphans, n_orphans = ndi.label(foreground & (labels == 0))
     if n_orphans:
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     labels = fill_holes_per_object(labels)
-    labels = remove_small_objects(labels, min_size)
+    labels = remove_small_labels(labels, min_size)
     return relabel_sequential(labels)[0].astype(np.int32)
 
 
