@@ -98,6 +98,36 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .backend.image_io import read_labels
+    from .backend.metrics_report import format_table, pair_label_files, score_set, write_csv, write_json
+
+    pairs, pred_only, gt_only = pair_label_files(args.pred_dir, args.gt_dir)
+    if not pairs:
+        raise ValueError(f"No prediction in {args.pred_dir} has a ground truth of the same name in {args.gt_dir} "
+                         "(expected X_labels.tif or X.tif/.png against X_anno.bmp or X.tif/.png)")
+    for side, names in (("prediction", pred_only), ("ground truth", gt_only)):
+        if names:
+            print(f"{len(names)} {side} file(s) without a partner, skipped: {', '.join(names[:5])}"
+                  + (" ..." if len(names) > 5 else ""), file=sys.stderr)
+
+    def items():
+        for name, pred_path, gt_path in pairs:
+            pred, gt = read_labels(pred_path), read_labels(gt_path)
+            if pred.shape != gt.shape:
+                raise ValueError(f"{name}: prediction {pred.shape} and ground truth {gt.shape} differ in shape")
+            yield name, pred, gt
+
+    with _progress_bar(len(pairs), "evaluate", "image") as bar:
+        report = score_set(items(), progress=lambda done, total: bar.update(), total=len(pairs))
+    print(format_table(report))
+    if args.csv:
+        write_csv(report, args.csv)
+    if args.json:
+        write_json(report, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glas-seg", description="Gland and nucleus instance segmentation for H&E images.",
@@ -138,6 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="auto")
     tr.add_argument("--export", default=None, help="also write the best model (fp16) to this .safetensors path")
     tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="score predicted label maps against ground truth (GlaS metrics)",
+                        description="Pair PRED_DIR/X_labels.tif (or X.tif/.png) with GT_DIR/X_anno.bmp (or X.tif/.png); "
+                                    "print object F1, object Dice and object Hausdorff per image and pooled as in "
+                                    "the GlaS challenge. See docs/metrics.md.")
+    ev.add_argument("pred_dir", help="folder of predicted instance label maps")
+    ev.add_argument("gt_dir", help="folder of ground-truth instance label maps")
+    ev.add_argument("--csv", default=None, help="write every metric per image, pooled and mean to this CSV file")
+    ev.add_argument("--json", default=None, help='write {"pooled", "mean_per_image", "images"} to this JSON file')
+    ev.set_defaults(func=cmd_evaluate)
     return parser
 
 
