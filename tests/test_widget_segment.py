@@ -1,0 +1,131 @@
+"""Segment widget wiring with a real napari viewer (runs under Xvfb)."""
+
+import numpy as np
+import pytest
+
+from glas_seg._sample_data import glas_sample
+from glas_seg._widget_segment import SegmentWidget
+
+
+@pytest.fixture
+def widget(make_napari_viewer):
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    return viewer, widget
+
+
+def run_and_wait(qtbot, widget, timeout=60000):
+    with qtbot.waitSignal(widget.task.finished, timeout=timeout) as blocker:
+        widget.run()
+    return blocker.args[0]
+
+
+def add_sample(viewer):
+    for data, meta, kind in glas_sample():
+        getattr(viewer, f"add_{kind}")(data, **meta)
+    return viewer.layers["glas_train_12"]
+
+
+def test_segment_sample_gives_many_glands(widget, qtbot):
+    viewer, w = widget
+    layer = add_sample(viewer)
+    viewer.layers.selection.active = layer
+    assert w.image.value is layer and w.model.value == "unet-glands"
+    assert run_and_wait(qtbot, w) == "done"
+    out = viewer.layers["glas_train_12 glands"]
+    assert out.data.shape == layer.data.shape[:2]
+    assert len(np.unique(out.data)) - 1 >= 8
+    assert "glands" in w.status.value
+
+
+def test_rerun_replaces_only_unedited_layer(widget, qtbot):
+    viewer, w = widget
+    add_sample(viewer)
+    w.image.value = viewer.layers["glas_train_12"]
+    run_and_wait(qtbot, w)
+    first = viewer.layers["glas_train_12 glands"]
+    run_and_wait(qtbot, w)
+    assert [l.name for l in viewer.layers].count("glas_train_12 glands") == 1  # replaced in place
+    edited = first.data.copy()
+    edited[:10, :10] = 999
+    first.data = edited
+    run_and_wait(qtbot, w)
+    assert viewer.layers["glas_train_12 glands"].data[0, 0] == 999  # the user's edit survives
+    assert "glas_train_12 glands [2]" in viewer.layers
+
+
+def test_cancel_leaves_no_layer(widget, qtbot):
+    viewer, w = widget
+    viewer.add_image(np.random.default_rng(0).integers(0, 255, (2000, 2000, 3), dtype=np.uint8), name="big", rgb=True)
+    w.image.value = viewer.layers["big"]
+    w.tile_size.value = 128
+    with qtbot.waitSignal(w.task.finished, timeout=60000) as blocker:
+        w.run()
+        w.task.cancel()
+    assert blocker.args[0] == "cancelled"
+    assert [l.name for l in viewer.layers] == ["big"]
+    assert w.run_button.enabled
+
+
+@pytest.mark.parametrize("data, rgb, message", [
+    (np.zeros((10, 10, 3), np.uint8), True, "too small"),
+    (np.full((64, 64), np.nan, np.float32), False, "NaN"),
+])
+def test_bad_images_give_a_message_and_keep_layers(widget, qtbot, data, rgb, message):
+    viewer, w = widget
+    viewer.add_image(data, name="bad", rgb=rgb)
+    w.image.value = viewer.layers["bad"]
+    assert run_and_wait(qtbot, w) == "failed"
+    assert message in w.task.last_error and message in w.status.value
+    assert [l.name for l in viewer.layers] == ["bad"]
+
+
+def test_no_image_layer_warns(widget, qtbot):
+    viewer, w = widget
+    viewer.add_labels(np.zeros((32, 32), np.int32), name="labels only")
+    assert w.image.value is None
+    w.run()  # a notification, no exception, no worker
+    assert not w.task.running and len(viewer.layers) == 1
+
+
+def test_uint16_rgba_and_stacks(widget, qtbot):
+    viewer, w = widget
+    image = glas_sample()[0][0][:256, :256]
+    rgba = np.concatenate([image.astype(np.uint16) * 257, np.full(image.shape[:2] + (1,), 65535, np.uint16)], -1)
+    viewer.add_image(rgba, name="rgba16", rgb=True)
+    w.image.value = viewer.layers["rgba16"]
+    assert run_and_wait(qtbot, w) == "done"
+    assert viewer.layers["rgba16 glands"].data.shape == (256, 256)
+
+    stack = np.stack([image, image[::-1]])[None]  # (1, 2, H, W, 3): a 4D stack of RGB planes
+    viewer.add_image(stack, name="stack", rgb=True)
+    w.image.value = viewer.layers["stack"]
+    w.planes.value = "all planes"
+    assert run_and_wait(qtbot, w) == "done"
+    labels = viewer.layers["stack glands"].data
+    assert labels.shape == (1, 2, 256, 256) and labels[0, 0].max() > 0 and labels[0, 1].max() > 0
+    w.planes.value = "current plane"
+    run_and_wait(qtbot, w)  # replaces the unedited layer: only the current plane is filled now
+    labels = viewer.layers["stack glands"].data
+    assert labels.shape == (1, 2, 256, 256) and (labels[0, 0].max() > 0) != (labels[0, 1].max() > 0)
+
+
+def test_corrupt_model_file_gives_message(widget, qtbot, tmp_path, monkeypatch):
+    viewer, w = widget
+    import os
+    store = os.environ["GLAS_SEG_MODEL_DIR"]
+    from glas_seg.backend.registry import find_model
+    import shutil
+    target = f"{store}/broken.safetensors"
+    shutil.copy(find_model("unet-glands").path, target)
+    with open(target, "r+b") as f:  # keep the header, damage the weights
+        f.seek(-4096, 2)
+        f.truncate()
+    add_sample(viewer)
+    w.image.value = viewer.layers["glas_train_12"]
+    w.refresh_models(select="broken")
+    assert w.model.value == "broken"
+    assert run_and_wait(qtbot, w) == "failed"
+    assert "broken" in w.task.last_error
+    assert "glas_train_12 glands" not in viewer.layers
