@@ -129,3 +129,13 @@ def test_corrupt_model_file_gives_message(widget, qtbot, tmp_path, monkeypatch):
     assert run_and_wait(qtbot, w) == "failed"
     assert "broken" in w.task.last_error
     assert "glas_train_12 glands" not in viewer.layers
+
+
+def test_manifest_opens_widget_and_sample(make_napari_viewer):
+    """What `napari -w glas-seg` and File > Open Sample do, through npe2."""
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("glas-seg", "Segment")
+    assert isinstance(widget, SegmentWidget)
+    viewer.open_sample("glas-seg", "glas")
+    assert viewer.layers["glas_train_12"].rgb
+    assert widget.image.value is viewer.layers["glas_train_12"]
