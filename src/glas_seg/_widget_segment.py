@@ -8,8 +8,10 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import QObject, Signal
 
 from ._background import BackgroundTask
+from .backend import model_store
 from .backend.inference import segment
 from .backend.registry import DEFAULT_MODEL, list_models, load_model
 from .backend.stacks import all_planes, fingerprint, leading_shape
@@ -46,6 +48,15 @@ def unique_layer_name(viewer: "napari.Viewer", name: str) -> str:
     return candidate
 
 
+class StoreRelay(QObject):
+    """Hands model-store changes (made in any thread) to the GUI thread as a Qt signal."""
+
+    changed = Signal()
+
+    def notify(self, _action: str, _name: str) -> None:
+        self.changed.emit()
+
+
 class SegmentWidget(Container):
     """Segment the chosen image layer into glands with a bundled or user model."""
 
@@ -55,6 +66,9 @@ class SegmentWidget(Container):
         self.task = BackgroundTask()
         self.task.progressed.connect(self._on_progress)
         self.task.finished.connect(self._on_finished)
+        self._store_relay = StoreRelay()
+        self._store_relay.changed.connect(self.refresh_models)
+        model_store.subscribe(self._store_relay.notify)  # weak: never keeps this widget alive
 
         self.image = ComboBox(label="Image", choices=self._image_layers, nullable=True)
         self.model = ComboBox(label="Model", choices=self._model_names)
@@ -100,10 +114,18 @@ class SegmentWidget(Container):
         if select is not None and select in self.model.choices:
             self.model.value = select
 
+    def reset_choices(self, *_args) -> None:
+        super().reset_choices()
+        if self.image.value is None:
+            self._follow_active_layer()
+
     def _follow_active_layer(self, _event=None) -> None:
+        """Select the active image layer, else keep the choice, else take the newest image."""
         active = self.viewer.layers.selection.active
         if isinstance(active, Image) and active in self.image.choices:
             self.image.value = active
+        elif self.image.value is None and self._image_layers():
+            self.image.value = self._image_layers()[-1]
 
     def _toggle_advanced(self, show: bool) -> None:
         for widget in (self.tile_size, self.overlap, self.tta, self.min_size):

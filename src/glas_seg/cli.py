@@ -128,6 +128,70 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .backend.finetune import FinetuneSettings, finetune, samples_from_folders
+
+    samples = samples_from_folders(args.images_dir, args.labels_dir)
+    print(f"{len(samples)} image/label pair(s): {', '.join(s.name for s in samples[:8])}"
+          f"{'...' if len(samples) > 8 else ''}", file=sys.stderr)
+    settings = FinetuneSettings(iterations=args.iterations, learning_rate=args.lr, batch_size=args.batch_size,
+                                crop_size=args.crop_size, augment=not args.no_augment,
+                                val_fraction=args.val_fraction, eval_every=args.eval_every, seed=args.seed,
+                                device=args.device)
+    bar = _progress_bar(args.iterations, "fine-tune", "it")
+
+    def progress(event: dict) -> None:
+        if "object_f1" in event:
+            bar.write(f"iteration {event['iteration']}: validation object F1 {event['object_f1']:.3f}, "
+                      f"pixel Dice {event['pixel_dice']:.3f}")
+        if "loss" in event:
+            bar.n = event["iteration"]
+            bar.set_postfix(loss=f"{event['loss']:.3f}", refresh=False)
+            bar.update(0)
+
+    description = f"folders {args.images_dir}" + (f" + {args.labels_dir}" if args.labels_dir else "")
+    try:
+        result = finetune(args.base, samples, args.name, settings, description=description,
+                          overwrite=args.overwrite, progress=progress)
+    finally:
+        bar.close()
+    print(f"saved user model {result.entry.name!r} to {result.entry.path} ({result.wall_seconds:.0f} s); "
+          f"use it with: glas-seg segment --model {result.entry.name} ...", file=sys.stderr)
+    if result.before and result.after:
+        print(f"validation object F1 {result.before['object_f1']:.3f} -> {result.after['object_f1']:.3f}", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .backend import model_store
+    from .backend.registry import list_models, user_model_dir
+
+    action = getattr(args, "action", None) or "list"
+    if action == "list":
+        entries = [model_store.describe(entry) for entry in list_models()]
+        if args.json or getattr(args, "list_json", False):
+            print(json.dumps(entries, indent=1))
+        elif not entries:
+            print(f"no models (user models are kept in {user_model_dir()})")
+        else:
+            width = max(len(e["name"]) for e in entries)
+            for e in entries:
+                base = f", from {e['base_model']}" if e["base_model"] else ""
+                f1 = (e.get("validation") or {}).get("object_f1")
+                score = f", val. object F1 {f1:.3f}" if isinstance(f1, (int, float)) else ""
+                print(f"{e['name']:<{width}}  {e['source']:<7}  {e['task']:<6}  {e['architecture']}{base}{score}")
+    elif action == "export":
+        print(f"exported to {model_store.export_model(args.name, args.destination, overwrite=args.overwrite)}")
+    elif action == "import":
+        entry = model_store.import_model(args.file, name=args.name, overwrite=args.overwrite)
+        print(f"imported {args.file} as user model {entry.name!r}")
+    elif action == "delete":
+        print(f"deleted {model_store.delete_model(args.name)}")
+    elif action == "rename":
+        print(f"renamed {args.old!r} to {model_store.rename_model(args.old, args.new).name!r}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="glas-seg", description="Gland and nucleus instance segmentation for H&E images.",
@@ -178,6 +242,46 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--csv", default=None, help="write every metric per image, pooled and mean to this CSV file")
     ev.add_argument("--json", default=None, help='write {"pooled", "mean_per_image", "images"} to this JSON file')
     ev.set_defaults(func=cmd_evaluate)
+    ft = sub.add_parser("finetune", help="fine-tune a model on corrected labels; adds a user model",
+                        description="Fine-tune MODEL on images and corrected label maps paired by file name "
+                                    "(IMAGES_DIR/X.png + LABELS_DIR/X.tif, or GlaS-style X.bmp + X_anno.bmp in one folder).")
+    ft.add_argument("images_dir", metavar="IMAGES_DIR")
+    ft.add_argument("labels_dir", metavar="LABELS_DIR", nargs="?", default=None,
+                    help="folder of label maps (default: IMAGES_DIR, GlaS-style X_anno files)")
+    ft.add_argument("--base", default="unet-glands", help="model to start from (name or .safetensors path)")
+    ft.add_argument("--name", required=True, help="name of the new user model")
+    ft.add_argument("--iterations", type=int, default=200)
+    ft.add_argument("--lr", type=float, default=3e-4, help="learning rate")
+    ft.add_argument("--batch-size", type=int, default=4)
+    ft.add_argument("--crop-size", type=int, default=192, help="crop side at the model's working scale")
+    ft.add_argument("--no-augment", action="store_true", help="train on plain crops")
+    ft.add_argument("--val-fraction", type=float, default=0.0, help="share of the pairs held out for validation")
+    ft.add_argument("--eval-every", type=int, default=50)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--device", default="auto")
+    ft.add_argument("--overwrite", action="store_true", help="replace a user model of the same name")
+    ft.set_defaults(func=cmd_finetune)
+
+    md = sub.add_parser("models", help="list, export, import, rename or delete models",
+                        description="Without an action: list bundled and user models.")
+    md.add_argument("--json", action="store_true", help="print the list as JSON")
+    md.set_defaults(func=cmd_models, action=None)
+    mds = md.add_subparsers(dest="action")
+    ml = mds.add_parser("list", help="list models (default)")
+    ml.add_argument("--json", dest="list_json", action="store_true", help="print the list as JSON")
+    me = mds.add_parser("export", help="copy a model to a .safetensors file or folder")
+    me.add_argument("name")
+    me.add_argument("destination")
+    me.add_argument("--overwrite", action="store_true")
+    mi = mds.add_parser("import", help="validate a .safetensors model file and add it to the user models")
+    mi.add_argument("file")
+    mi.add_argument("--name", default=None, help="name in the store (default: the file name)")
+    mi.add_argument("--overwrite", action="store_true")
+    mx = mds.add_parser("delete", help="delete a user model")
+    mx.add_argument("name")
+    mr = mds.add_parser("rename", help="rename a user model")
+    mr.add_argument("old")
+    mr.add_argument("new")
     return parser
 
 

@@ -252,11 +252,16 @@ def match_objects(seg: np.ndarray, gt: np.ndarray) -> ObjectMatches:
     gt_h = _side_hausdorff(gt_index, gt_boxes, gt_partner, seg_index, seg_boxes, cache, flip=True)
 
     return ObjectMatches(
-        seg_ids=seg_ids, seg_area=seg_area, seg_partner=np.r_[0, gt_ids].astype(np.int64)[seg_partner], seg_tp=seg_tp,
+        seg_ids=seg_ids, seg_area=seg_area, seg_partner=_with_zero(gt_ids)[seg_partner], seg_tp=seg_tp,
         seg_dice=seg_dice, seg_hausdorff=seg_h,
-        gt_ids=gt_ids, gt_area=gt_area, gt_partner=np.r_[0, seg_ids].astype(np.int64)[gt_partner], gt_detected=gt_detected,
+        gt_ids=gt_ids, gt_area=gt_area, gt_partner=_with_zero(seg_ids)[gt_partner], gt_detected=gt_detected,
         gt_dice=gt_dice, gt_hausdorff=gt_h,
     )
+
+
+def _with_zero(ids: np.ndarray) -> np.ndarray:
+    """``ids`` with a 0 in front, same dtype: index 0 means "no partner"."""
+    return np.concatenate([np.zeros(1, ids.dtype), ids])
 
 
 def planes(shape: tuple[int, ...]) -> Iterator[tuple[int, ...]]:

@@ -6,10 +6,18 @@ from typing import Callable
 
 from torch import nn
 
+from .kidney_segnet import kidney_segnet
+from .micronet import micronet
+from .residual_unet import residual_unet
 from .unet import unet
+from .unet_plus_plus import unet_plus_plus
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "unet": unet,
+    "unet_plus_plus": unet_plus_plus,
+    "residual_unet": residual_unet,
+    "kidney_segnet": kidney_segnet,
+    "micronet": micronet,
 }
 
 
