@@ -209,8 +209,9 @@ def train(
         save_model(out_dir / "last.safetensors", network, record)
         atomic_write(out_dir / "last_optimizer.pt",
                      lambda tmp: torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp))
-        if metrics is not None and metrics["object_f1"] > state.best_object_f1:
-            state.best_object_f1 = metrics["object_f1"]
+        # Without validation data the latest weights are the best we know of.
+        if metrics is None or metrics["object_f1"] > state.best_object_f1:
+            state.best_object_f1 = metrics["object_f1"] if metrics else state.best_object_f1
             record = replace_training(config, settings, state, len(train_samples), len(val_samples), best=metrics)
             save_model(out_dir / "best.safetensors", network, record)
         atomic_write(state_file, lambda tmp: Path(tmp).write_text(json.dumps({"state": asdict(state), "settings": asdict(settings)}, indent=1)))
@@ -234,15 +235,15 @@ def train(
         event = {"iteration": state.iteration, "total": settings.iterations, "loss": running,
                  "lr": scheduler.get_last_lr()[0]}
         at_eval = state.iteration % settings.eval_every == 0 or state.iteration == settings.iterations
-        metrics = None
         if at_eval:
+            metrics = None
             if val_samples:
                 network.eval()
                 metrics = evaluate(LoadedModel(network, config, device), val_samples)
                 network.train()
                 event.update(metrics)
             state.history.append({k: v for k, v in event.items() if k != "total"})
-            checkpoint(metrics if metrics else {"object_f1": 0.0} if not val_samples else None)
+            checkpoint(metrics)
         if progress is not None:
             progress(event)
     network.eval()
