@@ -1,0 +1,380 @@
+"""Fine-tune dock widget: corrected Labels layers -> a new model in the user model store.
+
+The widget copies the chosen layers when Fine-tune is clicked, so the user can keep editing
+while training runs and nothing they drew is ever changed. Training runs in the background
+(:class:`._background.BackgroundTask`) with a live loss / validation curve; the new model is
+added to the store, selected in the Segment widget, and one click segments with it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import (
+    CheckBox, ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, SpinBox,
+)
+from napari.layers import Image, Labels, Shapes
+from napari.utils.notifications import show_info, show_warning
+from qtpy.QtCore import QObject, Signal
+
+from ._background import BackgroundTask
+from .backend import model_store
+from .backend.finetune import FinetuneSettings, finetune, samples_from_arrays
+from .backend.registry import DEFAULT_MODEL, list_models
+
+if TYPE_CHECKING:
+    import napari
+
+SEGMENT_WIDGET = ("glas-seg", "Segment")
+REGION_TYPES = ("rectangle", "polygon", "ellipse")
+
+
+class _Relay(QObject):
+    """Carries calls from worker threads (training progress, store changes) to the GUI thread."""
+
+    event = Signal(object)
+    store_changed = Signal()
+
+    def on_store_change(self, _action: str, _name: str) -> None:
+        self.store_changed.emit()
+
+
+class PairRow(Container):
+    """One (image layer, corrected Labels layer) pair."""
+
+    def __init__(self, image_choices, labels_choices) -> None:
+        self.image = ComboBox(label="Image", choices=image_choices, nullable=True)
+        self.labels = ComboBox(label="Labels", choices=labels_choices, nullable=True)
+        self.remove = PushButton(text="-", tooltip="Remove this pair")
+        self.remove.native.setMaximumWidth(28)
+        super().__init__(layout="horizontal", labels=False, widgets=[self.image, self.labels, self.remove])
+        self.margins = (0, 0, 0, 0)
+
+
+def shape_regions(shapes: Shapes, labels: Labels) -> list[np.ndarray]:
+    """Rectangles, polygons and ellipses of a Shapes layer as polygons in ``labels``' pixels.
+
+    Vertices go through world coordinates, so layers with different scale or translation line
+    up as they do on screen. A 2D Shapes layer over a stack marks the same region on every plane.
+
+    Raises
+    ------
+    ValueError
+        No usable shape, or dimensions that cannot be matched.
+    """
+    regions = []
+    stack_ndim = labels.ndim - 2
+    for vertices, kind in zip(shapes.data, shapes.shape_type):
+        if kind not in REGION_TYPES:
+            continue
+        vertices = np.asarray(vertices, dtype=float)
+        if kind == "ellipse":  # napari stores the 4 corners of the ellipse's bounding box
+            centre, radii = vertices.mean(axis=0), (vertices.max(axis=0) - vertices.min(axis=0)) / 2
+            t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+            ring = np.repeat(centre[None], t.size, axis=0)
+            ring[:, -2] += radii[-2] * np.sin(t)
+            ring[:, -1] += radii[-1] * np.cos(t)
+            vertices = ring
+        world = np.array([shapes.data_to_world(v) for v in vertices])
+        if shapes.ndim == labels.ndim:
+            regions.append(np.array([labels.world_to_data(w) for w in world], dtype=float))
+        elif shapes.ndim == 2:
+            plane = (world - np.asarray(labels.translate[-2:])) / np.asarray(labels.scale[-2:])
+            for index in np.ndindex(*labels.data.shape[:stack_ndim]) if stack_ndim else [()]:
+                regions.append(np.hstack([np.tile(np.array(index, dtype=float), (len(plane), 1)), plane]))
+        else:
+            raise ValueError(f"Shapes layer {shapes.name!r} is {shapes.ndim}-D but labels {labels.name!r} are {labels.ndim}-D")
+    if not regions:
+        raise ValueError(f"Shapes layer {shapes.name!r} has no rectangle, polygon or ellipse to limit training to")
+    return regions
+
+
+def _plane_data(layer) -> np.ndarray:
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return np.array(data, copy=True)  # a snapshot: the user may keep editing while training runs
+
+
+class FinetuneWidget(Container):
+    """Fine-tune a model on images whose labels the user corrected."""
+
+    def __init__(self, napari_viewer: "napari.Viewer") -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.task = BackgroundTask()
+        self.relay = _Relay()
+        self.task.progressed.connect(self._on_progress)
+        self.task.finished.connect(self._on_finished)
+        self.relay.event.connect(self._on_event)
+        self.relay.store_changed.connect(self._refresh_base_models)
+        self._unsubscribe = model_store.subscribe(self.relay.on_store_change)
+        self.last_result = None
+        self.history: list[dict] = []
+        self._last_draw = 0.0
+
+        self.base = ComboBox(label="Base model", choices=self._model_names)
+        if DEFAULT_MODEL in self.base.choices:
+            self.base.value = DEFAULT_MODEL
+        self.pairs = Container(labels=False, widgets=[])
+        self.pairs.margins = (0, 0, 0, 0)
+        self.add_pair_button = PushButton(text="Add image / labels pair")
+        self.regions = ComboBox(label="Regions (Shapes)", choices=self._shapes_layers, nullable=True,
+                                tooltip="Rectangles or polygons around the corrected areas; empty: whole images")
+        self.iterations = SpinBox(label="Iterations", min=1, max=100000, step=50, value=200)
+        self.learning_rate = FloatSpinBox(label="Learning rate", min=1e-6, max=0.1, step=1e-5, value=3e-4)
+        self.learning_rate.native.setDecimals(6)
+        self.augment = CheckBox(text="Augmentation", value=True)
+        self.val_share = FloatSpinBox(label="Validation share", min=0.0, max=0.9, step=0.05, value=0.0,
+                                      tooltip="Share of the images held out to measure the model (needs 2+ images)")
+        self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.new_name = LineEdit(label="New model name", value="")
+        self.run_button = PushButton(text="Fine-tune")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
+        self.status = Label(value="")
+        self.segment_button = PushButton(text="Segment current image with the new model", enabled=False)
+        self.extend([
+            self.base, self.pairs, self.add_pair_button, self.regions, self.iterations, self.learning_rate,
+            self.augment, self.val_share, self.device, self.new_name, self.run_button, self.cancel_button,
+            self.progress, self.status, self.segment_button,
+        ])
+        self._build_plot()
+        self.add_pair()
+        self.new_name.value = self.suggest_name()
+
+        self.add_pair_button.changed.connect(self.add_pair)
+        self.base.changed.connect(lambda _v: setattr(self.new_name, "value", self.suggest_name()))
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.task.cancel)
+        self.segment_button.changed.connect(self.segment_with_new_model)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+
+    # -- layout pieces ----------------------------------------------------------------------
+    def _build_plot(self) -> None:
+        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+        from matplotlib.figure import Figure
+
+        self.figure = Figure(figsize=(3.2, 2.0), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(160)
+        self.loss_axes = self.figure.add_subplot(111)
+        self.f1_axes = self.loss_axes.twinx()
+        self.native.layout().addWidget(self.canvas)
+        self._draw_curves()
+
+    def _draw_curves(self) -> None:
+        ax, ax2 = self.loss_axes, self.f1_axes
+        ax.clear()
+        ax2.clear()
+        losses = [(e["iteration"], e["loss"]) for e in self.history if "loss" in e]
+        vals = [(e["iteration"], e["object_f1"]) for e in self.history if "object_f1" in e]
+        if losses:
+            ax.plot(*zip(*losses), color="tab:blue", lw=1)
+        if vals:
+            ax2.plot(*zip(*vals), "o-", color="tab:orange", ms=3, lw=1)
+        ax.set_xlabel("iteration", fontsize=7)
+        ax.set_ylabel("loss", fontsize=7, color="tab:blue")
+        ax2.set_ylabel("val. object F1", fontsize=7, color="tab:orange")
+        ax2.set_ylim(0, 1)
+        for a in (ax, ax2):
+            a.tick_params(labelsize=6)
+        self.canvas.draw_idle()
+
+    def add_pair(self, _value=None) -> PairRow:
+        row = PairRow(self._image_layers, self._labels_layers)
+        row.remove.changed.connect(lambda _v, row=row: self._remove_pair(row))
+        self.pairs.append(row)
+        images = [c for c in row.image.choices if c is not None]
+        labels = [c for c in row.labels.choices if c is not None]
+        taken = {r.image.value for r in self.pair_rows[:-1]}
+        free = [layer for layer in images if layer not in taken]
+        if free:
+            row.image.value = free[0]
+            match = [lab for lab in labels if lab.name.startswith(free[0].name)]
+            if match or labels:
+                row.labels.value = (match or labels)[0]
+        return row
+
+    def _remove_pair(self, row: PairRow) -> None:
+        if len(self.pairs) > 1:
+            self.pairs.remove(row)
+
+    @property
+    def pair_rows(self) -> list[PairRow]:
+        return list(self.pairs)
+
+    # -- choices ---------------------------------------------------------------------------
+    def _image_layers(self, _widget=None) -> list:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _labels_layers(self, _widget=None) -> list:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
+
+    def _shapes_layers(self, _widget=None) -> list:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Shapes)]
+
+    def _model_names(self, _widget=None) -> list[str]:
+        return [entry.name for entry in list_models()]
+
+    def _refresh_layers(self, _event=None) -> None:
+        for row in self.pair_rows:
+            row.reset_choices()
+        self.regions.reset_choices()
+
+    def _refresh_base_models(self) -> None:
+        self.base.reset_choices()
+
+    def suggest_name(self) -> str:
+        """``<base>-ft``, ``<base>-ft2``... : the first name not yet taken."""
+        base = str(self.base.value or "model")
+        taken = {entry.name for entry in list_models()}
+        candidate, n = f"{base}-ft", 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{base}-ft{n}"
+        return candidate
+
+    # -- running ---------------------------------------------------------------------------
+    def collect(self) -> tuple[list, list | None, str]:
+        """Snapshot the chosen layers into training samples (in the GUI thread).
+
+        Returns
+        -------
+        samples, masks, description
+
+        Raises
+        ------
+        ValueError
+            A missing or mismatched layer, with a message for the user.
+        """
+        rows = [r for r in self.pair_rows if r.image.value is not None or r.labels.value is not None]
+        if not rows:
+            raise ValueError("Choose an image layer and its corrected Labels layer")
+        shapes = self.regions.value
+        samples, masks, names = [], [], []
+        for row in rows:
+            image, labels = row.image.value, row.labels.value
+            if image is None or labels is None:
+                raise ValueError("Each pair needs both an image layer and a Labels layer")
+            if image not in self.viewer.layers or labels not in self.viewer.layers:
+                raise ValueError(f"Layer {image.name!r} or {labels.name!r} is no longer open")
+            regions = shape_regions(shapes, labels) if shapes is not None else None
+            pair_samples, pair_masks = samples_from_arrays(
+                image.name, _plane_data(image), _plane_data(labels), bool(image.rgb), regions)
+            if not pair_samples:
+                where = "inside the regions" if shapes is not None else "in any plane"
+                raise ValueError(f"{labels.name!r} has no labels {where}; correct some labels first")
+            samples += pair_samples
+            masks += pair_masks or []
+            names.append(f"{image.name} / {labels.name}")
+        description = "napari layers: " + "; ".join(names) + (f"; regions from {shapes.name}" if shapes is not None else "")
+        return samples, (masks if shapes is not None else None), description
+
+    def settings(self) -> FinetuneSettings:
+        return FinetuneSettings(
+            iterations=int(self.iterations.value), learning_rate=float(self.learning_rate.value),
+            augment=bool(self.augment.value), val_fraction=float(self.val_share.value), device=self.device.value,
+            eval_every=max(10, int(self.iterations.value) // 8),
+        )
+
+    def run(self, _value=None) -> None:
+        """Validate inputs, snapshot the layers and fine-tune in the background."""
+        if self.task.running:
+            show_info("glas-seg: a fine-tune is already running")
+            return
+        if not self.base.value:
+            show_warning("glas-seg: no base model is available")
+            return
+        try:
+            name = model_store.check_new_name(self.new_name.value)
+            settings = self.settings()
+            samples, masks, description = self.collect()
+        except ValueError as exc:
+            show_warning(f"glas-seg: {exc}")
+            self.status.value = str(exc)
+            return
+        base = self.base.value
+        relay = self.relay
+
+        def job(report, cancel):
+            def progress(event: dict) -> None:
+                report(int(event["iteration"]), int(event["total"]))
+                relay.event.emit(dict(event))
+
+            return finetune(base, samples, name, settings, valid_masks=masks, description=description,
+                            progress=progress, cancel=cancel)
+
+        self.history = []
+        self._draw_curves()
+        self.run_button.enabled = False
+        self.segment_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.visible = True
+        self.progress.value = 0
+        self.status.value = f"Fine-tuning {base} on {len(samples)} image(s)..."
+        self.task.start(job, self._on_result, f"glas-seg: fine-tuning {name}")
+
+    def _on_event(self, event: dict) -> None:
+        self.history.append(event)
+        now = time.monotonic()
+        if "object_f1" in event or event["iteration"] == event["total"] or now - self._last_draw > 0.5:
+            self._last_draw = now
+            self._draw_curves()
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+
+    def _on_result(self, result) -> None:
+        self.last_result = result
+        name = result.entry.name
+        text = f"Saved model {name!r} ({result.wall_seconds:.0f} s)."
+        if result.before and result.after:
+            text += f" Validation object F1 {result.before['object_f1']:.3f} -> {result.after['object_f1']:.3f}."
+        self.status.value = text
+        show_info(f"glas-seg: {text}")
+        segment = self.segment_widget(open_it=False)
+        if segment is not None:
+            segment.refresh_models(select=name)
+        self._refresh_base_models()
+        self.new_name.value = self.suggest_name()
+        self.segment_button.enabled = True
+
+    def _on_finished(self, status: str) -> None:
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        self.progress.visible = False
+        self._draw_curves()
+        if status == "cancelled":
+            self.status.value = "Cancelled: no model was saved and the base model is unchanged."
+        elif status == "failed":
+            self.status.value = f"Failed: {self.task.last_error}"
+
+    # -- using the new model ---------------------------------------------------------------------
+    def segment_widget(self, open_it: bool = True):
+        """The viewer's Segment widget (opened when ``open_it`` and not yet docked)."""
+        from ._widget_segment import SegmentWidget
+
+        for widget in self.viewer.window.dock_widgets.values():
+            if isinstance(widget, SegmentWidget):
+                return widget
+        if not open_it:
+            return None
+        return self.viewer.window.add_plugin_dock_widget(*SEGMENT_WIDGET)[1]
+
+    def segment_with_new_model(self, _value=None):
+        """Segment the current image layer with the model just fine-tuned (one click)."""
+        if self.last_result is None:
+            show_warning("glas-seg: fine-tune a model first")
+            return None
+        segment = self.segment_widget()
+        segment.refresh_models(select=self.last_result.entry.name)
+        active = self.viewer.layers.selection.active
+        if isinstance(active, Image):
+            segment.image.value = active
+        elif self.pair_rows and self.pair_rows[0].image.value is not None:
+            segment.image.value = self.pair_rows[0].image.value
+        segment.run()
+        return segment

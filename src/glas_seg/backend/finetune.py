@@ -1,0 +1,364 @@
+"""Fine-tuning a model on a few corrected images: one function for the widget and the CLI.
+
+The user corrects a model's labels on a few images (optionally only inside rectangles), and
+:func:`finetune` continues training the base model on them with CPU-friendly defaults, then
+adds the result to the user model store (:mod:`.model_store`). The base model file is only
+read; the run's checkpoints live in a temporary folder that is removed whatever happens, so
+a cancelled or failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from skimage.draw import polygon as draw_polygon
+from skimage.draw import polygon_perimeter as draw_polygon_perimeter
+
+from . import model_store
+from .checkpoint import config_replace, load_state
+from .data import Sample, find_pairs, load_sample
+from .image_io import to_float_rgb
+from .inference import Cancelled, _should_stop
+from .registry import LoadedModel, ModelEntry, build_model, find_model, pick_device
+from .stacks import all_planes, leading_shape
+from .training import TrainSettings, evaluate, train
+
+
+@dataclass
+class FinetuneSettings:
+    """Hyper-parameters of a fine-tuning run; the defaults suit a laptop CPU.
+
+    Attributes
+    ----------
+    iterations : int
+        Optimizer steps.
+    learning_rate : float
+        Peak learning rate (AdamW), after a short warm-up, decayed with a cosine schedule.
+    batch_size, crop_size : int
+        Crops per step and their side, in pixels at the model's working scale.
+    augment : bool
+        Random flips, rotations, elastic, colour and stain jitter of the crops.
+    val_fraction : float in [0, 0.9]
+        Share of the images held out to validate (0: train on all, report no metrics).
+        At least one image is always kept for training.
+    eval_every : int
+        Validate every this many iterations (and at the end).
+    seed : int
+    device : str
+        ``"auto"``, ``"cpu"``, ``"cuda"``... (see :func:`.registry.pick_device`).
+    """
+
+    iterations: int = 200
+    learning_rate: float = 3e-4
+    batch_size: int = 4
+    crop_size: int = 192
+    augment: bool = True
+    val_fraction: float = 0.0
+    eval_every: int = 50
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError("iterations must be at least 1")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError("learning rate must be between 0 and 1")
+        if self.batch_size < 1 or self.crop_size < 32:
+            raise ValueError("batch size must be at least 1 and crop size at least 32")
+        if not 0 <= self.val_fraction <= 0.9:
+            raise ValueError("validation share must be between 0 and 0.9")
+        if self.eval_every < 1:
+            raise ValueError("eval_every must be at least 1")
+
+
+@dataclass
+class FinetuneResult:
+    """What a finished fine-tune produced (holds no tensors, so no memory is kept alive).
+
+    Attributes
+    ----------
+    entry : ModelEntry
+        The new user model.
+    history : list of dict
+        Per iteration ``iteration`` and ``loss``; validation metrics where measured.
+    before, after : dict or None
+        Validation metrics of the base and the new model (None without validation images).
+    train_names, val_names : list of str
+    wall_seconds : float
+    """
+
+    entry: ModelEntry
+    history: list = field(default_factory=list)
+    before: dict | None = None
+    after: dict | None = None
+    train_names: list = field(default_factory=list)
+    val_names: list = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+
+# -- building training samples -------------------------------------------------------------------
+def masks_from_polygons(polygons: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Rasterise polygons (rectangles are 4-corner polygons) into one boolean mask.
+
+    Parameters
+    ----------
+    polygons : sequence of ndarray, each ``(N, 2)`` row/column vertices in pixel coordinates
+    shape : (int, int)
+
+    Returns
+    -------
+    ndarray of bool, ``shape``; True inside any polygon (borders included).
+    """
+    mask = np.zeros(shape, dtype=bool)
+    for vertices in polygons:
+        vertices = np.asarray(vertices, dtype=float)
+        if vertices.ndim != 2 or vertices.shape[1] != 2 or len(vertices) < 3:
+            raise ValueError("Regions must be polygons or rectangles with 2D vertices")
+        rr, cc = draw_polygon(vertices[:, 0], vertices[:, 1], shape=shape)
+        mask[rr, cc] = True
+        # The interior alone leaves out pixels on the outline (napari draws a rectangle's edges
+        # through pixel centres); the user drew them inside the region, so include them.
+        rr, cc = draw_polygon_perimeter(vertices[:, 0], vertices[:, 1])
+        inside = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
+        mask[rr[inside], cc[inside]] = True
+    return mask
+
+
+def samples_from_arrays(
+    name: str,
+    image: np.ndarray,
+    labels: np.ndarray,
+    rgb: bool,
+    regions: Sequence[np.ndarray] | None = None,
+) -> tuple[list[Sample], list[np.ndarray] | None]:
+    """Training samples from an image (2D or a stack) and its corrected labels.
+
+    Parameters
+    ----------
+    name : str
+        Used to name the samples (``name`` or ``name[z]`` for plane ``z`` of a stack).
+    image : ndarray ``(..., H, W[, C])``
+    labels : ndarray of int ``(..., H, W)`` with the same leading (stack) shape
+    rgb : bool
+        Whether the image's last axis is colour.
+    regions : sequence of ndarray, optional
+        Polygons ``(N, labels.ndim)`` in the labels' pixel coordinates; the leading coordinates
+        of a polygon's first vertex pick its plane. When given, only planes with a region are
+        used and only inside the regions; otherwise every plane holding any label is used.
+
+    Returns
+    -------
+    samples : list of Sample
+        Copies; the input arrays are never modified.
+    masks : list of bool ndarray or None
+        Per sample, where its labels are trusted (None without ``regions``).
+    """
+    image, labels = np.asarray(image), np.asarray(labels)
+    stack = leading_shape(image.shape, rgb)
+    plane_shape = image.shape[len(stack) : len(stack) + 2]
+    if labels.shape != stack + tuple(plane_shape):
+        raise ValueError(
+            f"{name}: labels of shape {labels.shape} do not match the image "
+            f"({image.shape}{', RGB' if rgb else ''}); expected {stack + tuple(plane_shape)}"
+        )
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name}: labels must hold integers, got {labels.dtype}")
+    by_plane: dict[tuple, list[np.ndarray]] = {}
+    if regions is not None:
+        for vertices in regions:
+            vertices = np.asarray(vertices, dtype=float)
+            if vertices.ndim != 2 or vertices.shape[1] != labels.ndim:
+                raise ValueError(f"{name}: a region has {vertices.shape[-1]}-D vertices, the labels are {labels.ndim}-D")
+            plane = tuple(int(round(v)) for v in vertices[0, : len(stack)])
+            if all(0 <= p < n for p, n in zip(plane, stack)):
+                by_plane.setdefault(plane, []).append(vertices[:, len(stack) :])
+    samples, masks = [], []
+    for plane in all_planes(image.shape, rgb):
+        if regions is not None and plane not in by_plane:
+            continue
+        plane_labels = labels[plane]
+        if regions is None and not plane_labels.any():
+            continue
+        label = name if not stack else f"{name}[{','.join(map(str, plane))}]"
+        samples.append(Sample(label, to_float_rgb(image[plane]), np.array(plane_labels, dtype=np.int32, copy=True)))
+        if regions is not None:
+            mask = masks_from_polygons(by_plane[plane], plane_labels.shape)
+            if not mask.any():
+                raise ValueError(f"{label}: its regions lie outside the image")
+            masks.append(mask)
+    return samples, (masks if regions is not None else None)
+
+
+def samples_from_folders(images_dir, labels_dir=None) -> list[Sample]:
+    """Load image/label pairs matched by file name (see :func:`.data.find_pairs`)."""
+    pairs = find_pairs(images_dir, labels_dir)
+    if not pairs:
+        where = f"{images_dir}" + (f" and {labels_dir}" if labels_dir else "")
+        raise ValueError(f"No image/label pairs found in {where} (labels named like the image, "
+                         "or X.png with X_anno.png / X_labels.tif)")
+    return [load_sample(*pair) for pair in pairs]
+
+
+def _split(samples, masks, val_fraction: float, seed: int):
+    n = len(samples)
+    n_val = 0 if val_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * val_fraction)))
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    train = [samples[i] for i in train_idx]
+    train_masks = [masks[i] for i in train_idx] if masks is not None else None
+    val = [_restrict(samples[i], masks[i] if masks is not None else None) for i in val_idx]
+    return train, train_masks, val
+
+
+def _restrict(sample: Sample, mask: np.ndarray | None) -> Sample:
+    """A validation sample limited to the bounding box of its trusted region."""
+    if mask is None:
+        return sample
+    rows, cols = np.nonzero(mask)
+    box = slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)
+    if min(box[0].stop - box[0].start, box[1].stop - box[1].start) < 32:
+        raise ValueError(f"{sample.name}: its corrected region is too small to validate on (under 32 pixels a side); "
+                         "set the validation share to 0 or draw larger regions")
+    labels = np.where(mask, sample.labels, 0)[box]
+    return Sample(sample.name, sample.image[box], labels)
+
+
+# -- fine-tuning ---------------------------------------------------------------------------------
+def finetune(
+    base: str,
+    samples: Sequence[Sample],
+    name: str,
+    settings: FinetuneSettings | None = None,
+    valid_masks: Sequence[np.ndarray] | None = None,
+    val_samples: Sequence[Sample] | None = None,
+    description: str = "",
+    overwrite: bool = False,
+    progress: Callable[[dict], None] | None = None,
+    cancel=None,
+) -> FinetuneResult:
+    """Fine-tune ``base`` on corrected samples and add the result to the user model store.
+
+    Parameters
+    ----------
+    base : str
+        Name or path of the starting model (bundled or user); its file is only read.
+    samples : sequence of Sample
+        Images (float RGB in [0, 1]) with their corrected instance labels, full resolution.
+    name : str
+        Name of the new user model; checked before training starts.
+    settings : FinetuneSettings, optional
+    valid_masks : sequence of bool ndarray, optional
+        Per sample, where its labels were corrected; the loss ignores everything else.
+    val_samples : sequence of Sample, optional
+        Validation images; by default ``settings.val_fraction`` of ``samples`` is held out.
+    description : str
+        Free text stored with the model (what the data was).
+    overwrite : bool
+        Replace an existing user model called ``name``.
+    progress : callable(dict), optional
+        Called with ``{"iteration", "total", "loss", "lr"}`` after every step, plus validation
+        metrics (``object_f1``, ``pixel_dice``...) where measured; once with ``iteration`` 0 and
+        the base model's metrics before training when there is validation.
+    cancel : threading.Event or callable, optional
+        Checked every step and before saving; :class:`.inference.Cancelled` is raised and
+        nothing is written to the store.
+
+    Returns
+    -------
+    FinetuneResult
+
+    Raises
+    ------
+    ValueError
+        Bad name, unknown base model, no samples, shapes that do not fit.
+    Cancelled
+    """
+    settings = settings or FinetuneSettings()
+    model_store.check_new_name(name, overwrite)
+    samples = list(samples)
+    if not samples:
+        raise ValueError("Nothing to fine-tune on: give at least one image with corrected labels")
+    if valid_masks is not None:
+        valid_masks = [np.asarray(m, dtype=bool) for m in valid_masks]
+        if len(valid_masks) != len(samples) or any(m.shape != s.labels.shape for m, s in zip(valid_masks, samples)):
+            raise ValueError("Give one region mask per image, each of the image's height and width")
+    base_entry = find_model(base)
+    state, base_config = load_state(base_entry.path)
+    if val_samples is None:
+        train_samples, train_masks, val = _split(samples, valid_masks, settings.val_fraction, settings.seed)
+    else:
+        train_samples, train_masks, val = samples, valid_masks, list(val_samples)
+
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    config = config_replace(
+        base_config, name=name, base_model=base_entry.name,
+        description=description or f"{base_entry.name} fine-tuned on {len(train_samples)} corrected image(s)",
+        training={"created": created, "fine_tuned_from": base_entry.name},
+    )
+    train_settings = TrainSettings(
+        iterations=settings.iterations, eval_every=settings.eval_every if val else settings.iterations,
+        batch_size=settings.batch_size, crop_size=settings.crop_size, learning_rate=settings.learning_rate,
+        warmup=min(20, max(1, settings.iterations // 10)), augment=settings.augment, seed=settings.seed,
+        device=settings.device,
+    )
+    history: list[dict] = []
+
+    def record(event: dict) -> None:
+        history.append({k: v for k, v in event.items() if k != "total"})
+        if progress is not None:
+            progress(event)
+
+    device = pick_device(settings.device)
+    started = time.perf_counter()
+    before = after = None
+    network = loaded = None
+    try:
+        if val:
+            network = build_model(base_config)
+            network.load_state_dict(state)
+            before = evaluate(LoadedModel(network.to(device).eval(), base_config, device), val)
+            network = None
+            record({"iteration": 0, "total": settings.iterations, **before})
+        with tempfile.TemporaryDirectory(prefix="glas-seg-finetune-") as run_dir:
+            loaded, _ = train(config, train_settings, train_samples, val, run_dir, init_state=state,
+                              valid_masks=train_masks, progress=record, cancel=cancel)
+        if val:
+            after = {k: history[-1][k] for k in before if k in history[-1]}
+        if _should_stop(cancel):
+            raise Cancelled()
+        wall = time.perf_counter() - started
+        training = {
+            "created": created,
+            "fine_tuned_from": base_entry.name,
+            "data": description or "corrected labels",
+            "train_images": [s.name for s in train_samples],
+            "val_images": [s.name for s in val],
+            "corrected_regions_only": train_masks is not None,
+            "iterations": settings.iterations,
+            "settings": asdict(settings),
+            "device": str(device),
+            "wall_seconds": round(wall, 1),
+            "validation_before": _rounded(before),
+            "validation": _rounded(after),
+        }
+        entry = model_store.save_user_model(loaded.network, config_replace(config, training=training), overwrite)
+    finally:
+        # Drop every reference to the networks and optimizer before returning, so that their
+        # memory (GPU memory included) is given back now, not when the viewer closes.
+        del network, loaded, state
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return FinetuneResult(entry, history, before, after, [s.name for s in train_samples], [s.name for s in val],
+                          time.perf_counter() - started)
+
+
+def _rounded(metrics: dict | None) -> dict | None:
+    return None if metrics is None else {k: round(float(v), 4) for k, v in metrics.items()}
