@@ -41,7 +41,7 @@ def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     Returns
     -------
     ids : ndarray, shape ``(N,)``, the sorted nonzero ids, dtype of ``labels``
-    index : ndarray of intp, shape ``labels.shape``; ``ids[index - 1]`` where ``index > 0``
+    index : ndarray of int32 or intp, shape ``labels.shape``; ``ids[index - 1]`` where ``index > 0``
     areas : ndarray of int64, shape ``(N,)``
     """
     flat = np.asarray(labels).ravel()
@@ -53,7 +53,7 @@ def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if top <= max(flat.size, 1 << 16):  # a lookup table is cheaper than sorting the pixels
         counts = np.bincount(flat.astype(np.intp, copy=False), minlength=1)
         present = np.flatnonzero(counts[1:]) + 1
-        lut = np.zeros(top + 1, dtype=np.intp)
+        lut = np.zeros(top + 1, dtype=np.int32 if present.size < 2**31 - 1 else np.intp)
         lut[present] = np.arange(1, present.size + 1)
         return present.astype(flat.dtype), lut[flat].reshape(labels.shape), counts[present].astype(np.int64)
     ids, index, counts = np.unique(flat, return_inverse=True, return_counts=True)
@@ -65,7 +65,7 @@ def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _table(seg_index: np.ndarray, gt_index: np.ndarray, n_seg: int, n_gt: int) -> sparse.coo_matrix:
     """Pixel counts of every (seg index, gt index) pair, shape ``(n_seg + 1, n_gt + 1)``."""
     shape = (n_seg + 1, n_gt + 1)
-    keys = seg_index.ravel() * shape[1] + gt_index.ravel()
+    keys = seg_index.ravel().astype(np.intp) * shape[1] + gt_index.ravel()
     if shape[0] * shape[1] <= _DENSE_TABLE_CELLS:
         return sparse.coo_matrix(np.bincount(keys, minlength=shape[0] * shape[1]).reshape(shape))
     pairs, counts = np.unique(keys, return_counts=True)

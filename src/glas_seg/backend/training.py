@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from .checkpoint import ModelConfig, atomic_write, load_state, save_model
 from .data import PatchDataset, Sample, rescale_sample
 from .inference import Cancelled, _should_stop, segment
-from .metrics import f1_from_counts, object_detection_counts, pixel_dice
+from .metrics import match_stack, object_scores, pixel_dice
 from .registry import LoadedModel, build_model, pick_device
 
 
@@ -102,21 +102,24 @@ def evaluate(model: LoadedModel, samples: list[Sample]) -> dict[str, float]:
 
     Returns
     -------
-    dict with ``pixel_dice`` (mean per image), ``object_f1`` (mean per image) and
-    ``object_f1_pooled`` (TP/FP/FN summed over all images, as the GlaS challenge does).
+    dict with ``pixel_dice`` (mean per image), ``object_f1`` (mean per image), and pooled over
+    all images as the GlaS challenge does: ``object_f1_pooled``, ``object_dice`` and
+    ``object_hausdorff`` (pixels; ``inf`` when some image has objects on one side only).
     """
-    dices, f1s, totals = [], [], {"tp": 0, "fp": 0, "fn": 0}
+    dices, f1s, matches = [], [], []
     for sample in samples:
         labels = segment(model, sample.image).labels
-        counts = object_detection_counts(labels, sample.labels)
-        for key in totals:
-            totals[key] += counts[key]
-        f1s.append(f1_from_counts(**counts))
+        image_matches = match_stack(labels, sample.labels)
+        matches += image_matches
+        f1s.append(object_scores(image_matches)["object_f1"])
         dices.append(pixel_dice(labels, sample.labels))
+    pooled = object_scores(matches)
     return {
         "pixel_dice": float(np.mean(dices)),
         "object_f1": float(np.mean(f1s)),
-        "object_f1_pooled": f1_from_counts(**totals),
+        "object_f1_pooled": pooled["object_f1"],
+        "object_dice": pooled["object_dice"],
+        "object_hausdorff": pooled["object_hausdorff"],
     }
 
 
