@@ -13,6 +13,7 @@ widget's model list) follow changes made anywhere in the process.
 from __future__ import annotations
 
 import errno
+import os
 import re
 import shutil
 import threading
@@ -144,13 +145,20 @@ def _explain_write_error(exc: OSError, target: Path) -> ModelStoreError:
     return ModelStoreError(f"Could not write model {target.name}: {reason}. Nothing was changed.")
 
 
+def _os_error_from(exc: SafetensorError) -> OSError:
+    """The OSError inside a safetensors error message (``IoError(Os { code: 28, ... })``)."""
+    match = re.search(r"code: (\d+)", str(exc))
+    code = int(match.group(1)) if match else errno.EIO
+    return OSError(code, os.strerror(code))
+
+
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], config: ModelConfig) -> None:
     try:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: config.to_json()}))
     except OSError as exc:
         raise _explain_write_error(exc, path) from exc
     except SafetensorError as exc:  # safetensors reports I/O failures as its own error type
-        raise _explain_write_error(OSError(errno.EIO, str(exc)), path) from exc
+        raise _explain_write_error(_os_error_from(exc), path) from exc
 
 
 def save_user_model(network: torch.nn.Module, config: ModelConfig, overwrite: bool = False) -> ModelEntry:
@@ -193,12 +201,15 @@ def delete_model(name: str) -> Path:
 
 
 def export_model(name: str, destination: str | Path, overwrite: bool = False) -> Path:
-    """Copy a model (bundled or user) to a file, or into a folder as ``NAME.safetensors``."""
+    """Copy a model (bundled or user) to a ``.safetensors`` file, or into a folder as ``NAME.safetensors``.
+
+    A destination without a suffix is taken as a folder (created if missing).
+    """
     from .registry import find_model
 
     entry = find_model(name)
     destination = Path(destination)
-    if destination.is_dir():
+    if destination.is_dir() or not destination.suffix:
         destination = destination / f"{entry.name}{SUFFIX}"
     if destination.suffix != SUFFIX:
         raise ModelStoreError(f"Export to a {SUFFIX} file, not {destination.name!r}")
