@@ -359,7 +359,7 @@ def test_smooth_treats_the_image_border_as_continuing():
 
 
 def test_smooth_leaves_objects_smaller_than_the_disk():
-    labels = grid("..... .1... ..... ...22 ...22")
+    labels = grid("...... .1.... ...... ...22. ...22. ......")
     out = smooth_labels(labels, 3)
     np.testing.assert_array_equal(out, labels)
     with pytest.raises(ValueError, match="radius"):
@@ -461,3 +461,38 @@ def test_operations_never_modify_their_input(operation, touching_squares):
     out = operation(labels)
     np.testing.assert_array_equal(labels, before)
     assert out is not labels and out.dtype == labels.dtype and out.shape == labels.shape
+
+
+@pytest.mark.parametrize("radius", [1, 2, 3, 5])
+def test_smooth_equals_opening_then_closing_with_a_disk_footprint(radius):
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    rng = np.random.default_rng(radius)
+    blob = ndi.binary_dilation(rng.random((40, 40)) > 0.97, disk(4))  # an irregular shape
+    labels = np.zeros((60, 60), np.int32)
+    labels[10:50, 10:50] = blob * 3  # 10 px of background all round: no border effects
+    footprint = disk(radius).astype(bool)
+    expected = ndi.binary_closing(ndi.binary_opening(labels == 3, footprint), footprint)
+    assert 0 < expected.sum() and not np.array_equal(expected, labels == 3)
+    np.testing.assert_array_equal(smooth_labels(labels, radius), np.where(expected, 3, 0))
+
+
+def test_smooth_an_object_covering_the_whole_image():
+    labels = np.full((5, 6), 2, np.uint16)
+    np.testing.assert_array_equal(smooth_labels(labels, 2), labels)
+
+
+@pytest.mark.parametrize("radius", [1, 2, 4, 7])
+def test_disk_erosion_and_dilation_match_scipy_with_a_disk_footprint(radius):
+    from scipy import ndimage as ndi
+    from skimage.morphology import disk
+
+    from glas_seg.backend.editing import _dilate, _erode
+
+    rng = np.random.default_rng(radius)
+    mask = ndi.binary_dilation(rng.random((37, 29)) > 0.9, disk(2))
+    footprint = disk(radius).astype(bool)
+    # Beyond the array: foreground for the erosion, background for the dilation.
+    np.testing.assert_array_equal(_erode(mask, radius), ndi.binary_erosion(mask, footprint, border_value=1))
+    np.testing.assert_array_equal(_dilate(mask, radius), ndi.binary_dilation(mask, footprint))

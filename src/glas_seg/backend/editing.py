@@ -10,12 +10,12 @@ Object ids are positive; 0 is background.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.draw import line as draw_line
-from skimage.morphology import disk
 from skimage.segmentation import watershed
 
 from .postprocess import fill_holes_per_object, remove_small_labels
@@ -200,6 +200,38 @@ def rasterize_path(path: np.ndarray, shape: tuple[int, int], closed: bool = Fals
         inside = (rows >= 0) & (rows < shape[0]) & (cols >= 0) & (cols < shape[1])
         mask[rows[inside], cols[inside]] = True
     return mask
+
+
+# Binary morphology with the disk ``x**2 + y**2 <= r**2`` (``skimage.morphology.disk(r)``): the
+# disk is a stack of horizontal segments, and a segment erosion is a sliding-window count along
+# rows (cumulative sums), so the cost is O(pixels * r) with small constants. Pixels beyond the
+# array count as foreground for an erosion and as background for a dilation.
+def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
+    r = int(radius)
+    height, width = mask.shape
+    padded = np.pad(mask, r, constant_values=True)
+    sums = np.zeros((padded.shape[0], padded.shape[1] + 1), dtype=np.int32)
+    np.cumsum(padded, axis=1, dtype=np.int32, out=sums[:, 1:])
+    out = np.ones(mask.shape, dtype=bool)
+    segments: dict[int, np.ndarray] = {}
+    for dy in range(-r, r + 1):
+        w = math.isqrt(r * r - dy * dy)
+        if w not in segments:  # all of [x - w, x + w] set, for every row of the padded mask
+            segments[w] = sums[:, r + w + 1:r + w + 1 + width] - sums[:, r - w:r - w + width] == 2 * w + 1
+        out &= segments[w][r + dy:r + dy + height]
+    return out
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    return ~_erode(~mask, radius)
+
+
+def _open(mask: np.ndarray, radius: int) -> np.ndarray:
+    return _dilate(_erode(mask, radius), radius)
+
+
+def _close(mask: np.ndarray, radius: int) -> np.ndarray:
+    return _erode(_dilate(mask, radius), radius)
 
 
 def _keep_largest(pieces: np.ndarray, count: int) -> tuple[int, list[int]]:
@@ -399,15 +431,20 @@ def fill_holes(labels: np.ndarray, ids: Iterable[int] | None = None) -> np.ndarr
     ndarray, same shape and dtype.
     """
     labels = _check_labels(labels)
+    if ids is not None:  # each object on its own crop, as a one-object label image
+        out = labels.copy()
+        for index in _check_ids(ids, labels).tolist():
+            box = _bbox(labels == index)
+            if box is None:
+                continue
+            crop = labels[box]
+            filled = fill_holes_per_object((crop == index).astype(np.uint8)) == 1
+            out[box][filled & (crop == 0)] = index
+        return out
     if _is_dense(labels):
-        filled = fill_holes_per_object(labels.astype(np.intp, copy=False)).astype(labels.dtype, copy=False)
-    else:
-        values, compact = _compact(labels)
-        filled = values[fill_holes_per_object(compact)]
-    if ids is not None:
-        keep = np.isin(filled, _check_ids(ids, labels)) & (labels == 0)
-        filled = np.where(keep, filled, labels)
-    return filled
+        return fill_holes_per_object(labels.astype(np.intp, copy=False)).astype(labels.dtype, copy=False)
+    values, compact = _compact(labels)
+    return values[fill_holes_per_object(compact)]
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -430,7 +467,8 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def smooth_labels(labels: np.ndarray, radius: int, ids: Iterable[int] | None = None) -> np.ndarray:
-    """Smooth object outlines: a binary opening then closing of each object with a disk.
+    """Smooth object outlines: a binary opening then closing of each object with a disk
+    (the footprint ``skimage.morphology.disk(radius)``).
 
     Each object is processed on its own crop, so neighbours are never merged: the closing only
     claims pixels that were background, and a pixel wanted by two objects goes to the lower id.
@@ -456,7 +494,6 @@ def smooth_labels(labels: np.ndarray, radius: int, ids: Iterable[int] | None = N
     out = labels.copy()
     if radius == 0:
         return out
-    footprint = disk(int(radius)).astype(bool)
     margin = int(radius) + 1
     if ids is None:
         boxes = _object_boxes(labels)
@@ -464,13 +501,15 @@ def smooth_labels(labels: np.ndarray, radius: int, ids: Iterable[int] | None = N
         wanted = _check_ids(ids, labels).tolist()
         boxes = [(index, _bbox(labels == index)) for index in sorted(wanted)]
         boxes = [(index, box) for index, box in boxes if box is not None]
+    diameter = 2 * int(radius) + 1
     for index, box in boxes:
+        if any(s.stop - s.start < diameter for s in box):
+            continue  # no disk fits inside: the opening would erase it, so it is left unchanged
         box = _grow(box, margin, labels.shape)
         original = labels[box]
         mask = original == index
         padded = np.pad(mask, margin, mode="edge")
-        smooth = ndi.binary_closing(ndi.binary_opening(padded, footprint), footprint)
-        smooth = smooth[margin:-margin, margin:-margin]
+        smooth = _close(_open(padded, radius), radius)[margin:-margin, margin:-margin]
         if not smooth.any():
             continue
         region = out[box]
