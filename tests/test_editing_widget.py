@@ -297,3 +297,18 @@ def test_parse_ids():
     assert parse_ids("") == []
     with pytest.raises(ValueError, match="'-3'"):
         parse_ids("1, -3")
+
+
+def test_keys_do_not_clash_with_napari_defaults():
+    from napari.components import ViewerModel
+    from napari.layers import Labels, Points, Shapes
+    from napari.utils.key_bindings import coerce_keybinding
+    from napari.utils.shortcuts import default_shortcuts
+
+    taken = {binding for bindings in default_shortcuts.values() for binding in bindings}
+    for cls in (ViewerModel, Labels, Points, Shapes):
+        taken |= set(cls.class_keymap)
+    ours = {coerce_keybinding(key) for key, _, _ in KEY_BINDINGS}
+    assert len(ours) == len(KEY_BINDINGS)
+    assert coerce_keybinding("Shift-V") in taken  # the check sees napari's Shift bindings
+    assert not ours & taken
