@@ -258,6 +258,11 @@ def test_split_by_seeds_ignores_background_lone_and_outside_seeds():
         split_by_seeds(labels, np.zeros((0, 2)))
 
 
+def test_split_by_seeds_rejects_points_that_are_not_row_col_pairs():
+    with pytest.raises(ValueError, match=r"shape \(N, 2\)"):
+        split_by_seeds(grid("11 11"), np.zeros((2, 3)))
+
+
 def test_split_by_seeds_keeps_unseeded_fragments():
     labels = grid(DUMBBELL + " .33..........")
     out = split_by_seeds(labels, [[3, 3], [3, 10]])

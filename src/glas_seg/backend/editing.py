@@ -52,7 +52,7 @@ def _check_labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _check_ids(ids: Iterable[int] | int, labels: np.ndarray, what: str = "ids") -> np.ndarray:
+def _check_ids(ids: Iterable[int] | int, labels: np.ndarray) -> np.ndarray:
     """Distinct positive ids in their given order, as an array of the labels' dtype."""
     if isinstance(ids, (int, np.integer)):
         ids = [ids]
@@ -60,22 +60,19 @@ def _check_ids(ids: Iterable[int] | int, labels: np.ndarray, what: str = "ids") 
     info = np.iinfo(labels.dtype)
     for value in values:
         if value <= 0:
-            raise ValueError(f"{what} must be positive object ids (0 is background), got {value}")
+            raise ValueError(f"ids must be positive object ids (0 is background), got {value}")
         if value > info.max:
             raise ValueError(f"Id {value} does not fit in a {labels.dtype} label image (max {info.max})")
     return np.asarray(list(dict.fromkeys(values)), dtype=labels.dtype)
 
 
-def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, slice] | None:
-    """Bounding box of the True pixels of a 2D mask, grown by ``margin`` and clipped to the array."""
+def _bbox(mask: np.ndarray) -> tuple[slice, slice] | None:
+    """Bounding box of the True pixels of a 2D mask (None if there are none)."""
     rows = np.flatnonzero(mask.any(axis=1))
     if rows.size == 0:
         return None
     cols = np.flatnonzero(mask.any(axis=0))
-    return (
-        slice(max(rows[0] - margin, 0), min(rows[-1] + 1 + margin, mask.shape[0])),
-        slice(max(cols[0] - margin, 0), min(cols[-1] + 1 + margin, mask.shape[1])),
-    )
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
 def _grow(box: tuple[slice, slice], margin: int, shape: tuple[int, int]) -> tuple[slice, slice]:
@@ -234,11 +231,10 @@ def _close(mask: np.ndarray, radius: int) -> np.ndarray:
     return _erode(_dilate(mask, radius), radius)
 
 
-def _keep_largest(pieces: np.ndarray, count: int) -> tuple[int, list[int]]:
-    """Of pieces 1..count, the (first) largest one and the others in label order."""
-    sizes = np.bincount(pieces.ravel(), minlength=count + 1)[1:]
-    largest = int(np.argmax(sizes)) + 1
-    return largest, [p for p in range(1, count + 1) if p != largest]
+def _all_but_largest(pieces: np.ndarray, count: int) -> list[int]:
+    """Pieces 1..count except the largest (the first largest on a tie), in label order."""
+    largest = int(np.argmax(np.bincount(pieces.ravel(), minlength=count + 1)[1:])) + 1
+    return [p for p in range(1, count + 1) if p != largest]
 
 
 # -- operations ---------------------------------------------------------------------------------
@@ -288,8 +284,10 @@ def split_along_line(
     """Cut every object that a drawn line crosses from side to side.
 
     The line is rasterised (:func:`rasterize_path`) and each object it touches is split into the
-    4-connected pieces left after removing the line. In each connected part that was cut, the largest piece keeps the id and the other
-    pieces get new ids (in scan order). Objects the line only nicks stay as they are.
+    4-connected pieces left after removing the line. In each connected part that was cut, the
+    largest piece keeps the id (the first in scan order on a tie) and the other pieces get new
+    ids, in scan order. A line pixel goes to the nearest piece, and to the piece that keeps the id
+    when it is as near. Objects the line only nicks stay as they are.
 
     Parameters
     ----------
@@ -340,7 +338,9 @@ def split_along_line(
         owner = np.where(pieces > 0, pieces, owner)
         plans.append((index, box, mask, owner, sorted(renamed)))
     if not plans:
-        raise ValueError("The line does not cut any object into pieces; draw it across the object, from background to background")
+        raise ValueError(
+            "The line does not cut any object into pieces; draw it across the object, from background to background"
+        )
     new = iter(free_ids(labels, sum(len(p[4]) for p in plans), start_id).tolist())
     out = labels.copy()
     for _, box, mask, owner, renamed in plans:
@@ -377,7 +377,11 @@ def split_by_seeds(labels: np.ndarray, seeds: np.ndarray, start_id: int | None =
         If no object holds at least two seeds.
     """
     labels = _check_labels(labels)
-    seeds = np.asarray(seeds, dtype=float).reshape(-1, 2) if np.size(seeds) else np.zeros((0, 2))
+    seeds = np.asarray(seeds, dtype=float)
+    if seeds.size == 0:
+        seeds = np.zeros((0, 2))
+    if seeds.ndim != 2 or seeds.shape[1] != 2:
+        raise ValueError(f"Seeds must be (row, col) points, an array of shape (N, 2); got shape {seeds.shape}")
     if not np.isfinite(seeds).all():
         raise ValueError("Seed positions must be finite")
     pixels = np.rint(seeds).astype(np.int64)
@@ -401,7 +405,7 @@ def split_by_seeds(labels: np.ndarray, seeds: np.ndarray, start_id: int | None =
             markers[r - box[0].start, c - box[1].start] = k
         distance = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
         regions = watershed(-distance, markers, mask=mask)
-        largest, renamed = _keep_largest(regions, len(points))
+        renamed = _all_but_largest(regions, len(points))
         plans.append((box, regions, renamed))
     if not plans:
         raise ValueError("Put at least two seed points inside the object to split")
