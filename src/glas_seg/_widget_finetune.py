@@ -263,9 +263,11 @@ class FinetuneWidget(Container):
             regions = shape_regions(shapes, labels) if shapes is not None else None
             pair_samples, pair_masks = samples_from_arrays(
                 image.name, _plane_data(image), _plane_data(labels), bool(image.rgb), regions)
+            if not pair_samples and shapes is not None:
+                raise ValueError(f"No region of {shapes.name!r} lies on {labels.name!r}; draw a rectangle "
+                                 "around the corrected area or remove the pair")
             if not pair_samples:
-                where = "inside the regions" if shapes is not None else "in any plane"
-                raise ValueError(f"{labels.name!r} has no labels {where}; correct some labels first")
+                raise ValueError(f"{labels.name!r} has no labels; correct some labels first")
             samples += pair_samples
             masks += pair_masks or []
             names.append(f"{image.name} / {labels.name}")

@@ -150,8 +150,8 @@ def samples_from_arrays(
         Whether the image's last axis is colour.
     regions : sequence of ndarray, optional
         Polygons ``(N, labels.ndim)`` in the labels' pixel coordinates; the leading coordinates
-        of a polygon's first vertex pick its plane. When given, only planes with a region are
-        used and only inside the regions; otherwise every plane holding any label is used.
+        of a polygon's first vertex pick its plane. When given, only planes with a region inside
+        the image are used, and only inside the regions; otherwise every plane holding any label.
 
     Returns
     -------
@@ -186,12 +186,12 @@ def samples_from_arrays(
         plane_labels = labels[plane]
         if regions is None and not plane_labels.any():
             continue
+        mask = masks_from_polygons(by_plane[plane], plane_labels.shape) if regions is not None else None
+        if mask is not None and not mask.any():
+            continue  # all of this plane's regions lie outside the image
         label = name if not stack else f"{name}[{','.join(map(str, plane))}]"
         samples.append(Sample(label, to_float_rgb(image[plane]), np.array(plane_labels, dtype=np.int32, copy=True)))
-        if regions is not None:
-            mask = masks_from_polygons(by_plane[plane], plane_labels.shape)
-            if not mask.any():
-                raise ValueError(f"{label}: its regions lie outside the image")
+        if mask is not None:
             masks.append(mask)
     return samples, (masks if regions is not None else None)
 

@@ -1,0 +1,277 @@
+"""Fine-tuning backend: samples from layers, region masks, the run, cancel, memory."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from glas_seg.backend import finetune as finetune_module
+from glas_seg.backend import model_store
+from glas_seg.backend.checkpoint import ModelConfig, load_state, read_config, save_model
+from glas_seg.backend.data import Sample
+from glas_seg.backend.finetune import (
+    FinetuneSettings, finetune, masks_from_polygons, samples_from_arrays, samples_from_folders,
+)
+from glas_seg.backend.inference import Cancelled, segment
+from glas_seg.backend.registry import build_model, load_model, user_model_dir
+
+FAST = dict(iterations=3, batch_size=2, crop_size=32, eval_every=3, device="cpu")
+
+
+def make_base(path: Path) -> Path:
+    torch.manual_seed(0)
+    config = ModelConfig(name="tiny", architecture="unet", arch_kwargs={"width": 4, "depth": 2}, tile_size=64, min_size=10)
+    return save_model(path, build_model(config), config)
+
+
+def synthetic_sample(name: str, seed: int, size: int = 96) -> Sample:
+    """Pink background with purple discs; labels are the discs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    for i in range(1, 5):
+        cy, cx, r = rng.integers(15, size - 15), rng.integers(15, size - 15), rng.integers(6, 12)
+        labels[((yy - cy) ** 2 + (xx - cx) ** 2 < r**2) & (labels == 0)] = i
+    image = np.empty((size, size, 3), np.float32)
+    image[:] = (0.9, 0.7, 0.8)
+    image[labels > 0] = (0.5, 0.3, 0.6)
+    image += rng.normal(0, 0.03, image.shape).astype(np.float32)
+    return Sample(name, np.clip(image, 0, 1), labels)
+
+
+@pytest.fixture
+def base(tmp_path) -> Path:
+    return make_base(tmp_path / "base" / "tiny.safetensors")
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def store_files() -> list[str]:
+    folder = user_model_dir()
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def run_dirs() -> set[str]:
+    return {p.name for p in Path(tempfile.gettempdir()).glob("glas-seg-finetune-*")}
+
+
+# -- regions ----------------------------------------------------------------------------------
+def test_rectangle_mask_covers_its_corners_inclusive():
+    mask = masks_from_polygons([np.array([[2, 3], [2, 7], [5, 7], [5, 3]])], (10, 10))
+    expected = np.zeros((10, 10), bool)
+    expected[2:6, 3:8] = True
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_polygons_are_clipped_and_combined():
+    triangle = np.array([[0, 0], [0, 8], [8, 0]])
+    outside = np.array([[-5, 20], [-5, 30], [30, 30], [30, 20]])  # right of the image
+    overhang = np.array([[6, 6], [6, 14], [14, 14], [14, 6]])  # lower right corner, partly outside
+    mask = masks_from_polygons([triangle, outside, overhang], (10, 10))
+    assert mask[0, 0] and mask[0, 8] and mask[8, 0] and mask[3, 3]
+    assert not mask[0, 9] and not mask[5, 5]
+    assert mask[6:, 6:].all()
+    np.testing.assert_array_equal(masks_from_polygons([outside], (10, 10)), np.zeros((10, 10), bool))
+    with pytest.raises(ValueError, match="polygons or rectangles"):
+        masks_from_polygons([np.array([[0, 0], [1, 1]])], (10, 10))
+
+
+# -- samples from layer data ------------------------------------------------------------------------
+def test_samples_from_a_stack_use_labelled_planes_and_copy():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (3, 40, 50, 3), dtype=np.uint8)
+    labels = np.zeros((3, 40, 50), np.int32)
+    labels[0, 5:15, 5:15] = 1
+    labels[2, 20:30, 20:30] = 4
+    image_before, labels_before = image.copy(), labels.copy()
+    samples, masks = samples_from_arrays("stack", image, labels, rgb=True)
+    assert [s.name for s in samples] == ["stack[0]", "stack[2]"] and masks is None
+    assert samples[0].image.dtype == np.float32 and samples[0].image.shape == (40, 50, 3)
+    np.testing.assert_array_equal(samples[1].labels, labels[2])
+    samples[1].labels[:] = 7  # the samples are copies: the caller's arrays stay as they were
+    np.testing.assert_array_equal(labels, labels_before)
+    np.testing.assert_array_equal(image, image_before)
+
+
+def test_regions_pick_planes_and_make_masks():
+    image = np.zeros((3, 40, 50), np.uint8)  # grey stack
+    labels = np.zeros((3, 40, 50), np.int32)
+    labels[0, 5:15, 5:15] = 1
+    region = np.array([[1, 10, 10], [1, 10, 30], [1, 20, 30], [1, 20, 10]], float)  # on plane 1, unlabeled
+    samples, masks = samples_from_arrays("stack", image, labels, rgb=False, regions=[region])
+    assert [s.name for s in samples] == ["stack[1]"]
+    assert masks[0].sum() == 11 * 21 and masks[0][10:21, 10:31].all()
+
+
+def test_mismatched_layers_are_explained_and_outside_regions_give_nothing():
+    with pytest.raises(ValueError, match="do not match the image"):
+        samples_from_arrays("a", np.zeros((40, 50, 3), np.uint8), np.zeros((40, 49), np.int32), rgb=True)
+    with pytest.raises(ValueError, match="integers"):
+        samples_from_arrays("a", np.zeros((40, 50, 3), np.uint8), np.zeros((40, 50), np.float32), rgb=True)
+    outside = [np.array([[100, 100], [100, 120], [120, 120], [120, 100]])]
+    assert samples_from_arrays("a", np.zeros((40, 50, 3), np.uint8), np.zeros((40, 50), np.int32), rgb=True,
+                               regions=outside) == ([], [])
+
+
+def test_folder_pairs_glas_style_and_two_folders(tmp_path):
+    from skimage.io import imsave
+
+    glas, images, labels = tmp_path / "glas", tmp_path / "images", tmp_path / "labels"
+    for folder in (glas, images, labels):
+        folder.mkdir()
+    sample = synthetic_sample("x", 0, 48)
+    rgb = (sample.image * 255).astype(np.uint8)
+    imsave(glas / "a.bmp", rgb)
+    imsave(glas / "a_anno.bmp", sample.labels.astype(np.uint8), check_contrast=False)
+    imsave(images / "b.png", rgb)
+    imsave(labels / "b.png", sample.labels.astype(np.uint16), check_contrast=False)
+    assert [s.name for s in samples_from_folders(glas)] == ["a"]
+    [b] = samples_from_folders(images, labels)
+    np.testing.assert_array_equal(b.labels, sample.labels)
+    with pytest.raises(ValueError, match="No image/label pairs"):
+        samples_from_folders(labels, images / "..")
+
+
+# -- the run ------------------------------------------------------------------------------------------
+def test_finetune_adds_a_new_model_and_leaves_the_base_untouched(base):
+    before = digest(base)
+    samples = [synthetic_sample("a", 0), synthetic_sample("b", 1)]
+    events = []
+    result = finetune(str(base), samples, "tiny-ft", FinetuneSettings(**FAST), progress=events.append)
+    assert digest(base) == before
+    assert store_files() == ["tiny-ft.safetensors"]
+    assert [e["iteration"] for e in events] == [1, 2, 3] and all(e["total"] == 3 for e in events)
+    config = read_config(result.entry.path)
+    assert config.name == "tiny-ft" and config.base_model == "tiny" and config.architecture == "unet"
+    assert config.training["iterations"] == 3 and config.training["train_images"] == ["a", "b"]
+    assert config.training["created"].endswith("+00:00")
+    new, _ = load_state(result.entry.path)
+    old, _ = load_state(base)
+    assert any(not torch.equal(new[k], old[k]) for k in old if old[k].is_floating_point())
+    labels = segment(load_model("tiny-ft", "cpu"), samples[0].image).labels
+    assert labels.shape == (96, 96)
+
+
+def test_validation_share_reports_before_and_after(base):
+    samples = [synthetic_sample(str(i), i) for i in range(3)]
+    events = []
+    result = finetune(str(base), samples, "v", FinetuneSettings(**FAST, val_fraction=0.34), progress=events.append)
+    assert len(result.val_names) == 1 and len(result.train_names) == 2
+    assert events[0]["iteration"] == 0 and "object_f1" in events[0] and "loss" not in events[0]
+    assert "object_f1" in events[-1]
+    assert set(result.before) == set(result.after) >= {"pixel_dice", "object_f1", "object_f1_pooled"}
+    assert read_config(result.entry.path).training["validation"]["object_f1"] == pytest.approx(result.after["object_f1"], abs=1e-4)
+
+
+def test_region_masks_change_what_is_learned(base):
+    samples = [synthetic_sample("a", 0)]
+    everywhere = [np.ones((96, 96), bool)]
+    corner = [np.zeros((96, 96), bool)]
+    corner[0][:40, :40] = True
+    settings = FinetuneSettings(**{**FAST, "iterations": 2})
+    plain = finetune(str(base), samples, "plain", settings)
+    full = finetune(str(base), samples, "full", settings, valid_masks=everywhere)
+    part = finetune(str(base), samples, "part", settings, valid_masks=corner)
+    a, b, c = (load_state(r.entry.path)[0] for r in (plain, full, part))
+    floats = [k for k in a if a[k].is_floating_point()]
+    assert all(torch.equal(a[k], b[k]) for k in floats)  # an all-True mask is no restriction
+    assert any(not torch.equal(a[k], c[k]) for k in floats)
+    assert read_config(part.entry.path).training["corrected_regions_only"] is True
+    with pytest.raises(ValueError, match="one region mask per image"):
+        finetune(str(base), samples, "bad", settings, valid_masks=[np.ones((10, 10), bool)])
+
+
+def test_taken_name_fails_before_training(base):
+    finetune(str(base), [synthetic_sample("a", 0)], "taken", FinetuneSettings(**{**FAST, "iterations": 1}))
+    events = []
+    with pytest.raises(ValueError, match="already exists"):
+        finetune(str(base), [synthetic_sample("a", 0)], "taken", FinetuneSettings(**FAST), progress=events.append)
+    assert events == []
+    with pytest.raises(ValueError, match="No model named 'nope'"):
+        finetune("nope", [synthetic_sample("a", 0)], "new", FinetuneSettings(**FAST))
+    with pytest.raises(ValueError, match="Nothing to fine-tune"):
+        finetune(str(base), [], "new", FinetuneSettings(**FAST))
+    with pytest.raises(ValueError, match="validation share"):
+        FinetuneSettings(val_fraction=1.5)
+
+
+@pytest.mark.parametrize("when", [2, 6])
+def test_cancel_leaves_no_model_and_no_run_folder(base, when):
+    """Cancel mid-run (iteration 2) or after the last step but before saving (iteration 6)."""
+    before, folders = digest(base), run_dirs()
+    cancel = threading.Event()
+
+    def progress(event):
+        if event["iteration"] >= when:
+            cancel.set()
+
+    settings = FinetuneSettings(**{**FAST, "iterations": 6})
+    with pytest.raises(Cancelled):
+        finetune(str(base), [synthetic_sample("a", 0)], "cancelled", settings, progress=progress, cancel=cancel)
+    assert store_files() == []
+    assert run_dirs() == folders
+    assert digest(base) == before
+
+
+def _live_objects() -> tuple[int, int]:
+    gc.collect()
+    objects = gc.get_objects()
+    return (sum(isinstance(o, torch.nn.Module) for o in objects),
+            sum(isinstance(o, torch.Tensor) for o in objects))
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_repeated_finetunes_do_not_accumulate_memory(base):
+    samples = [synthetic_sample("a", 0)]
+    settings = FinetuneSettings(**{**FAST, "iterations": 2})
+    finetune(str(base), samples, "warmup", settings)  # first run: imports, allocator pools
+    modules, tensors = _live_objects()
+    rss = _rss_mb()
+    for i in range(6):
+        result = finetune(str(base), samples, f"run{i}", settings)
+        del result
+    assert _live_objects() == (modules, tensors)  # no network, optimizer or batch survives a run
+    assert _rss_mb() - rss < 60  # and the process does not grow run after run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_memory_is_released_after_a_run(base):
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    finetune(str(base), [synthetic_sample("a", 0)], "gpu", FinetuneSettings(**{**FAST, "device": "cuda"}))
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == before
+    assert torch.cuda.memory_reserved() == 0 or torch.cuda.memory_reserved() <= before + 2**20
+
+
+def test_store_write_failure_is_reported_after_training(base, monkeypatch):
+    import errno
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(model_store, "save_file", full)
+    with pytest.raises(model_store.ModelStoreError, match="is full"):
+        finetune(str(base), [synthetic_sample("a", 0)], "nospace", FinetuneSettings(**{**FAST, "iterations": 1}))
+    assert store_files() == []
+
+
+def test_module_has_no_qt():
+    source = Path(finetune_module.__file__).read_text() + Path(model_store.__file__).read_text()
+    for forbidden in ("qtpy", "PyQt", "import napari", "from napari", "magicgui"):
+        assert forbidden not in source
