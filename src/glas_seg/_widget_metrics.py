@@ -1,0 +1,287 @@
+"""Metrics dock widget: prediction + ground truth (+ probability) -> GlaS scores, ROC, error layers."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from magicgui.widgets import CheckBox, ComboBox, Container, Label, ProgressBar, PushButton, Table
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from napari.layers import Image, Labels
+from napari.utils.colormaps import DirectLabelColormap
+from napari.utils.notifications import show_error, show_info, show_warning
+
+from ._background import BackgroundTask
+from ._widget_segment import unique_layer_name, writable_labels_layer
+from .backend.inference import Cancelled
+from .backend.metrics import planes
+from .backend.metrics_report import COLUMNS, Report, score_set, write_csv, write_json
+from .backend.stacks import fingerprint
+
+if TYPE_CHECKING:
+    import napari
+
+METADATA_KEY = "glas_seg"
+TRUTH_HINTS = ("anno", "truth", "gt", "ground", "mask")
+ROW_TITLES = {
+    "object_f1": "Object F1", "object_dice": "Object Dice", "object_hausdorff": "Object Hausdorff (px)",
+    "object_precision": "Object precision", "object_recall": "Object recall",
+    "tp": "True positives", "fp": "False positives", "fn": "False negatives",
+    "n_pred": "Predicted objects", "n_gt": "Ground-truth objects", "count_error": "Count error (pred - gt)",
+    "pixel_precision": "Pixel precision", "pixel_recall": "Pixel recall", "pixel_dice": "Pixel Dice (F1)",
+    "pixel_iou": "Pixel IoU", "pixel_accuracy": "Pixel accuracy", "pixel_specificity": "Pixel specificity",
+    "roc_auc": "ROC AUC",
+}
+
+
+COUNT_KEYS = ("tp", "fp", "fn", "n_pred", "n_gt", "count_error")
+
+
+def format_value(key: str, value: float) -> str:
+    """Table text: whole counts as integers, distances and mean counts with 2 decimals, scores with 3."""
+    if value is None or math.isnan(value):
+        return "-"
+    if math.isinf(value):
+        return "inf"
+    if key in COUNT_KEYS and float(value).is_integer():
+        return str(int(value))
+    return f"{value:.2f}" if key in COUNT_KEYS + ("object_hausdorff",) else f"{value:.3f}"
+
+
+def table_value(report: Report) -> dict:
+    """magicgui ``Table`` value: one row per metric, columns pooled / mean / each plane."""
+    columns = {"value": report.pooled} if len(report.images) == 1 else {
+        "pooled": report.pooled, "mean per plane": report.mean_per_image,
+        **{name: result.row for name, result in report.images.items()}}
+    data = [[format_value(key, row.get(key, math.nan)) for row in columns.values()] for key in COLUMNS]
+    return {"data": data, "index": [ROW_TITLES[k] for k in COLUMNS], "columns": list(columns)}
+
+
+def plane_name(index: tuple[int, ...]) -> str:
+    return "image" if not index else f"plane {index[0]}" if len(index) == 1 else f"plane {index}"
+
+
+def fit_probability(probability: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A probability plane resampled (bilinear) to the labels' plane shape when they differ."""
+    probability = np.asarray(probability, dtype=np.float32)
+    if probability.shape == shape:
+        return probability
+    from skimage.transform import resize
+
+    return resize(probability, shape, order=1, preserve_range=True, anti_aliasing=False).astype(np.float32)
+
+
+def error_labels(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Copy of ``labels`` keeping only the objects in ``ids`` (ids unchanged)."""
+    return np.where(np.isin(labels, ids), labels, 0).astype(labels.dtype, copy=False)
+
+
+class MetricsWidget(Container):
+    """Score a prediction Labels layer against a ground-truth Labels layer, GlaS style."""
+
+    def __init__(self, napari_viewer: "napari.Viewer") -> None:
+        super().__init__(labels=True)
+        self.viewer = napari_viewer
+        self.report: Report | None = None
+        self.task = BackgroundTask()
+        self.task.progressed.connect(self._on_progress)
+        self.task.finished.connect(self._on_finished)
+
+        self.prediction = ComboBox(label="Prediction", choices=self._labels_layers, nullable=True)
+        self.ground_truth = ComboBox(label="Ground truth", choices=self._labels_layers, nullable=True)
+        self.probability = ComboBox(label="Probability (optional)", choices=self._image_layers, nullable=True)
+        self.add_errors = CheckBox(text="Show false positives / negatives as layers", value=True)
+        self.run_button = PushButton(text="Evaluate")
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
+        self.status = Label(value="")
+        self.table = Table(value={"data": [], "index": [], "columns": []})
+        self.table.read_only = True
+        self.table.min_height = 260
+        self.export_csv = PushButton(text="Export CSV...", enabled=False)
+        self.export_json = PushButton(text="Export JSON...", enabled=False)
+        exports = Container(layout="horizontal", widgets=[self.export_csv, self.export_json], labels=False)
+        self.extend([self.prediction, self.ground_truth, self.probability, self.add_errors, self.run_button,
+                     self.cancel_button, self.progress, self.status, self.table, exports])
+        self.figure = Figure(figsize=(3.2, 3.0), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(240)
+        self.canvas.setVisible(False)
+        self.native.layout().addWidget(self.canvas)
+
+        self.run_button.changed.connect(self.run)
+        self.cancel_button.changed.connect(self.task.cancel)
+        self.export_csv.changed.connect(lambda: self._export_dialog("csv"))
+        self.export_json.changed.connect(lambda: self._export_dialog("json"))
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self._refresh)
+        self._refresh()
+
+    # -- choices ---------------------------------------------------------------------------
+    def _labels_layers(self, _widget=None) -> list:
+        # Error layers written by this widget are results, not inputs.
+        return [layer for layer in self.viewer.layers
+                if isinstance(layer, Labels) and "errors" not in layer.metadata.get(METADATA_KEY, {})]
+
+    def _image_layers(self, _widget=None) -> list:
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image) and not layer.rgb]
+
+    def _refresh(self, _event=None) -> None:
+        """Reset the choices, and guess unset inputs: a layer called ``*anno*`` is the truth."""
+        self.reset_choices()
+        layers = [layer for layer in self.prediction.choices if layer is not None]
+        if self.ground_truth.value is None and layers:
+            hinted = [l for l in layers if any(h in l.name.lower() for h in TRUTH_HINTS)]
+            self.ground_truth.value = (hinted or layers)[0]
+        if self.prediction.value is None:
+            others = [l for l in layers if l is not self.ground_truth.value]
+            if others:
+                self.prediction.value = others[-1]  # the most recently added one
+
+    # -- running ---------------------------------------------------------------------------
+    def _inputs(self):
+        """The chosen layers' arrays, or a message saying what is wrong."""
+        pred, gt, prob = self.prediction.value, self.ground_truth.value, self.probability.value
+        if pred is None or gt is None:
+            return "choose a prediction and a ground-truth Labels layer"
+        if pred is gt:
+            return "prediction and ground truth are the same layer"
+        pred_data, gt_data = (l.data[0] if l.multiscale else l.data for l in (pred, gt))
+        if pred_data.shape != gt_data.shape:
+            return f"{pred.name!r} {tuple(pred_data.shape)} and {gt.name!r} {tuple(gt_data.shape)} differ in shape"
+        prob_data = None
+        if prob is not None:
+            prob_data = prob.data[0] if prob.multiscale else prob.data
+            if prob_data.ndim != gt_data.ndim or prob_data.shape[:-2] != gt_data.shape[:-2]:
+                return f"probability {tuple(prob_data.shape)} does not match the labels {tuple(gt_data.shape)}"
+        return pred, gt, pred_data, gt_data, prob_data
+
+    def run(self) -> None:
+        """Check the inputs, then score every plane in the background."""
+        if self.task.running:
+            show_info("glas-seg: an evaluation is already running")
+            return
+        inputs = self._inputs()
+        if isinstance(inputs, str):
+            self.status.value = inputs[0].upper() + inputs[1:] + "."
+            show_warning(f"glas-seg: {inputs}")
+            return
+        pred, gt, pred_data, gt_data, prob_data = inputs
+        indices = list(planes(gt_data.shape))
+        want_errors = self.add_errors.value
+
+        def job(report, cancel):
+            fp, fn = {}, {}
+
+            def items():
+                for index in indices:
+                    if cancel.is_set():
+                        raise Cancelled()
+                    seg, truth = np.asarray(pred_data[index]), np.asarray(gt_data[index])
+                    prob = None if prob_data is None else fit_probability(prob_data[index], truth.shape)
+                    yield plane_name(index), seg, truth, prob
+
+            result = score_set(items(), progress=report, total=len(indices))
+            if want_errors:
+                for index, plane in zip(indices, result.images.values()):
+                    fp[index] = plane.matches[0].false_positive_ids
+                    fn[index] = plane.matches[0].false_negative_ids
+            return result, fp, fn
+
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.visible = True
+        self.progress.value = 0
+        self.status.value = f"Evaluating {pred.name} against {gt.name} ({len(indices)} plane{'s' * (len(indices) > 1)})..."
+        self.task.start(job, lambda out: self._show(pred, gt, pred_data, gt_data, *out),
+                        f"glas-seg: evaluating {pred.name}")
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+
+    def _on_finished(self, status: str) -> None:
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        self.progress.visible = False
+        if status == "cancelled":
+            self.status.value = "Cancelled; no layer was changed."
+        elif status == "failed":
+            self.status.value = f"Failed: {self.task.last_error}"
+
+    # -- results ---------------------------------------------------------------------------
+    def _show(self, pred, gt, pred_data, gt_data, report: Report, fp: dict, fn: dict) -> None:
+        self.report = report
+        self.table.value = table_value(report)
+        self.export_csv.enabled = self.export_json.enabled = True
+        self._plot_roc(report)
+        if fp or fn:
+            self._write_errors(pred, pred_data, fp, "false positives", "red")
+            self._write_errors(gt, gt_data, fn, "false negatives", "cyan")
+        p = report.pooled
+        self.status.value = (f"F1 {p['object_f1']:.3f}, object Dice {p['object_dice']:.3f}, object Hausdorff "
+                             f"{format_value('object_hausdorff', p['object_hausdorff'])} px"
+                             + (f" (pooled over {len(report.images)} planes)" if len(report.images) > 1 else "")
+                             + f"; {p['fp']} false positive(s), {p['fn']} false negative(s)")
+
+    def _plot_roc(self, report: Report) -> None:
+        self.figure.clear()
+        if report.roc is None:
+            self.canvas.setVisible(False)
+            return
+        fpr, tpr, _ = report.roc
+        if fpr.size > 4000:  # thin the curve for drawing; the AUC was computed on all of it
+            keep = np.unique(np.r_[np.linspace(0, fpr.size - 1, 4000).astype(int), fpr.size - 1])
+            fpr, tpr = fpr[keep], tpr[keep]
+        ax = self.figure.add_subplot(111)
+        ax.plot(fpr, tpr, color="tab:orange", lw=1.5)
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate",
+               title=f"Pixel ROC, AUC {report.pooled['roc_auc']:.3f}")
+        self.canvas.setVisible(True)
+        self.canvas.draw_idle()
+
+    def _write_errors(self, source: Labels, data, ids: dict, what: str, colour: str) -> None:
+        """A new (or our own, unedited) Labels layer with the listed objects of ``source``."""
+        full = np.zeros(data.shape, dtype=np.asarray(data[next(iter(ids))]).dtype)
+        for index, wanted in ids.items():
+            full[index] = error_labels(np.asarray(data[index]), wanted)
+        name = f"{source.name} {what}"
+        meta = {METADATA_KEY: {"fingerprint": fingerprint(full), "errors": what, "source": source.name}}
+        colormap = DirectLabelColormap(color_dict={None: colour, 0: "transparent"})
+        layer = writable_labels_layer(self.viewer, name)
+        if layer is not None:
+            layer.data, layer.metadata = full, meta
+        else:
+            self.viewer.add_labels(full, name=unique_layer_name(self.viewer, name), metadata=meta, opacity=0.6,
+                                   colormap=colormap, scale=source.scale, translate=source.translate)
+
+    # -- export ----------------------------------------------------------------------------
+    def export(self, path: str | Path) -> Path:
+        """Write the last report to ``path`` (``.csv`` or ``.json``, see docs/metrics.md)."""
+        if self.report is None:
+            raise ValueError("Nothing to export yet: press Evaluate first")
+        path = Path(path)
+        writers = {".csv": write_csv, ".json": write_json}
+        if path.suffix.lower() not in writers:
+            raise ValueError(f"Export to .csv or .json, not {path.suffix or 'a file without suffix'}")
+        writers[path.suffix.lower()](self.report, path)
+        return path
+
+    def _export_dialog(self, kind: str) -> None:
+        from qtpy.QtWidgets import QFileDialog
+
+        if self.report is None:
+            show_warning("glas-seg: press Evaluate first")
+            return
+        path, _ = QFileDialog.getSaveFileName(self.native, f"Export metrics as {kind.upper()}", f"metrics.{kind}",
+                                              f"{kind.upper()} files (*.{kind})")
+        if not path:
+            return
+        try:
+            show_info(f"glas-seg: metrics written to {self.export(path)}")
+        except (OSError, ValueError) as exc:
+            show_error(f"glas-seg: could not export: {exc}")
