@@ -72,8 +72,10 @@ def apply_plane_edit(layer: Labels, plane: tuple[int, ...], new: np.ndarray) -> 
     return int(rows.size)
 
 
-def _row(*widgets) -> Container:
-    return Container(widgets=list(widgets), layout="horizontal", labels=False)
+def _row(label: str, *widgets) -> Container:
+    row = Container(widgets=list(widgets), layout="horizontal", labels=False, label=label)
+    row.margins = (0, 0, 0, 0)
+    return row
 
 
 class EditWidget(Container):
@@ -105,11 +107,11 @@ class EditWidget(Container):
         self.keys = Label(label="Keys", value=self.key_help())
         self.status = Label(value="")
         self.extend([
-            self.labels, self.selection, _row(self.delete_button, self.merge_button),
-            _row(self.cut_lines, self.new_cut_layer), self.split_line_button,
-            _row(self.seeds, self.new_seed_layer), self.split_seeds_button,
+            self.labels, self.selection, _row("", self.delete_button, self.merge_button),
+            _row("Cut lines", self.cut_lines, self.new_cut_layer), self.split_line_button,
+            _row("Seeds", self.seeds, self.new_seed_layer), self.split_seeds_button,
             self.fill_button, self.min_size, self.remove_button, self.radius, self.smooth_button,
-            _row(self.relabel_button, self.next_id_button), self.undo_button, self.keys, self.status,
+            _row("", self.relabel_button, self.next_id_button), self.undo_button, self.keys, self.status,
         ])
         self.fill_button.tooltip = self.smooth_button.tooltip = "Acts on the selected ids, or on all objects when none is selected"
 
