@@ -316,6 +316,20 @@ def test_roc_by_hand():
         roc_curve(np.array([np.nan, 1]), np.array([0, 1]))
 
 
+def test_roc_matches_its_definition_on_random_scores_with_ties():
+    rng = np.random.default_rng(7)
+    truth = rng.random(500) < 0.3
+    scores = np.round(np.clip(truth * 0.3 + rng.random(500) * 0.7, 0, 1), 2).astype(np.float32)
+    fpr, tpr, thresholds = roc_curve(scores, truth)
+    for f, t, threshold in zip(fpr[1:], tpr[1:], thresholds[1:]):
+        assert t == pytest.approx(np.mean(scores[truth] >= threshold))
+        assert f == pytest.approx(np.mean(scores[~truth] >= threshold))
+    assert len(thresholds) == len(np.unique(scores)) + 1
+    # AUC = probability that a random positive outscores a random negative (ties count half).
+    diff = scores[truth][:, None] - scores[~truth][None, :]
+    assert auc(fpr, tpr) == pytest.approx(np.mean(diff > 0) + 0.5 * np.mean(diff == 0))
+
+
 # -- report ---------------------------------------------------------------------------------
 def test_score_image_and_exports(tmp_path):
     gt, seg = canvas(), canvas()
