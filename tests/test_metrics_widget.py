@@ -109,6 +109,21 @@ def test_bad_inputs_give_messages(widget, qtbot):
     assert "negative" in w.status.value
 
 
+def test_cancel_changes_nothing(widget, qtbot):
+    viewer, w = widget
+    stack = np.zeros((300, 96, 96), np.int32)
+    stack[:, 10:40, 10:40] = 1
+    viewer.add_labels(stack, name="gt")
+    viewer.add_labels(stack.copy(), name="pred")
+    w.ground_truth.value, w.prediction.value = viewer.layers["gt"], viewer.layers["pred"]
+    with qtbot.waitSignal(w.task.finished, timeout=60000) as blocker:
+        w.run()
+        w.task.cancel()
+    assert blocker.args[0] == "cancelled"
+    assert [layer.name for layer in viewer.layers] == ["gt", "pred"]
+    assert w.report is None and w.run_button.enabled and "Cancelled" in w.status.value
+
+
 def test_glas_sample_against_its_own_annotation(widget, qtbot):
     viewer, w = widget
     for data, meta, kind in glas_sample():
