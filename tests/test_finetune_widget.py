@@ -51,8 +51,8 @@ def test_finetune_on_the_sample_adds_a_model_that_segments(viewer_with_sample, t
     viewer, image, corrected = viewer_with_sample
     finetune, segment = open_widgets(viewer)
     finetune.base.value = tiny_base
-    assert finetune.pair_rows[0].image.value is image
-    assert finetune.pair_rows[0].labels.value is corrected
+    assert finetune.pair_rows[0].image_layer.value is image
+    assert finetune.pair_rows[0].labels_layer.value is corrected
     assert finetune.new_name.value == "tiny-base-ft"
     finetune.iterations.value = 3
     image_before, labels_before = image.data.copy(), corrected.data.copy()
@@ -128,11 +128,11 @@ def test_input_problems_are_messages_not_crashes(viewer_with_sample, tiny_base):
     finetune.run()
     assert "already exists" in finetune.status.value and not finetune.task.running
     finetune.new_name.value = "fresh"
-    finetune.pair_rows[0].labels.value = None
+    finetune.pair_rows[0].labels_layer.value = None
     finetune.run()
     assert "needs both" in finetune.status.value and not finetune.task.running
     empty = viewer.add_labels(np.zeros(corrected.data.shape, np.int32), name="empty")
-    finetune.pair_rows[0].labels.value = empty
+    finetune.pair_rows[0].labels_layer.value = empty
     finetune.run()
     assert "no labels" in finetune.status.value and not finetune.task.running
 

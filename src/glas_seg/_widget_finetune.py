@@ -45,12 +45,13 @@ class PairRow(Container):
     """One (image layer, corrected Labels layer) pair."""
 
     def __init__(self, image_choices, labels_choices) -> None:
-        self.image = ComboBox(label="Image", choices=image_choices, nullable=True)
-        self.labels = ComboBox(label="Labels", choices=labels_choices, nullable=True)
-        self.remove = PushButton(text="-", tooltip="Remove this pair")
-        self.remove.native.setMaximumWidth(28)
-        super().__init__(layout="horizontal", labels=False, widgets=[self.image, self.labels, self.remove])
+        image = ComboBox(label="Image", choices=image_choices, nullable=True)
+        labels = ComboBox(label="Labels", choices=labels_choices, nullable=True)
+        remove = PushButton(text="-", tooltip="Remove this pair")
+        remove.native.setMaximumWidth(28)
+        super().__init__(layout="horizontal", labels=False, widgets=[image, labels, remove])
         self.margins = (0, 0, 0, 0)
+        self.image_layer, self.labels_layer, self.remove_button = image, labels, remove
 
 
 def shape_regions(shapes: Shapes, labels: Labels) -> list[np.ndarray]:
@@ -103,7 +104,7 @@ class FinetuneWidget(Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.task = BackgroundTask()
-        self.relay = _Relay()
+        self.relay = _Relay(self.native)  # dies with the widget's Qt objects
         self.task.progressed.connect(self._on_progress)
         self.task.finished.connect(self._on_finished)
         self.relay.event.connect(self._on_event)
@@ -184,17 +185,17 @@ class FinetuneWidget(Container):
 
     def add_pair(self, _value=None) -> PairRow:
         row = PairRow(self._image_layers, self._labels_layers)
-        row.remove.changed.connect(lambda _v, row=row: self._remove_pair(row))
+        row.remove_button.changed.connect(lambda _v, row=row: self._remove_pair(row))
         self.pairs.append(row)
-        images = [c for c in row.image.choices if c is not None]
-        labels = [c for c in row.labels.choices if c is not None]
-        taken = {r.image.value for r in self.pair_rows[:-1]}
+        images = [c for c in row.image_layer.choices if c is not None]
+        labels = [c for c in row.labels_layer.choices if c is not None]
+        taken = {r.image_layer.value for r in self.pair_rows[:-1]}
         free = [layer for layer in images if layer not in taken]
         if free:
-            row.image.value = free[0]
+            row.image_layer.value = free[0]
             match = [lab for lab in labels if lab.name.startswith(free[0].name)]
             if match or labels:
-                row.labels.value = (match or labels)[0]
+                row.labels_layer.value = (match or labels)[0]
         return row
 
     def _remove_pair(self, row: PairRow) -> None:
@@ -249,13 +250,13 @@ class FinetuneWidget(Container):
         ValueError
             A missing or mismatched layer, with a message for the user.
         """
-        rows = [r for r in self.pair_rows if r.image.value is not None or r.labels.value is not None]
+        rows = [r for r in self.pair_rows if r.image_layer.value is not None or r.labels_layer.value is not None]
         if not rows:
             raise ValueError("Choose an image layer and its corrected Labels layer")
         shapes = self.regions.value
         samples, masks, names = [], [], []
         for row in rows:
-            image, labels = row.image.value, row.labels.value
+            image, labels = row.image_layer.value, row.labels_layer.value
             if image is None or labels is None:
                 raise ValueError("Each pair needs both an image layer and a Labels layer")
             if image not in self.viewer.layers or labels not in self.viewer.layers:
@@ -376,7 +377,7 @@ class FinetuneWidget(Container):
         active = self.viewer.layers.selection.active
         if isinstance(active, Image):
             segment.image.value = active
-        elif self.pair_rows and self.pair_rows[0].image.value is not None:
-            segment.image.value = self.pair_rows[0].image.value
+        elif self.pair_rows and self.pair_rows[0].image_layer.value is not None:
+            segment.image.value = self.pair_rows[0].image_layer.value
         segment.run()
         return segment

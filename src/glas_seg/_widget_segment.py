@@ -66,7 +66,7 @@ class SegmentWidget(Container):
         self.task = BackgroundTask()
         self.task.progressed.connect(self._on_progress)
         self.task.finished.connect(self._on_finished)
-        self._store_relay = StoreRelay()
+        self._store_relay = StoreRelay(self.native)  # dies with the widget's Qt objects
         self._store_relay.changed.connect(self.refresh_models)
         model_store.subscribe(self._store_relay.notify)  # weak: never keeps this widget alive
 
