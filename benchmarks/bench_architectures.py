@@ -10,7 +10,7 @@ Prints the Markdown rows of the table in ``docs/architectures.md``:
   per multiply-add; element-wise operations, pooling and resampling are not counted);
 * CPU seconds of one eval-mode forward pass on 1x3x272x400 -- a GlaS image (775x522) at the
   working scale 0.5 -- as process time (CPU time of all threads, so it does not grow when
-  other processes compete for the cores), minimum over ``--repeats``.
+  other processes compete for the cores), minimum over ``--repeats``; wall seconds alongside.
 """
 
 from __future__ import annotations
@@ -45,12 +45,13 @@ def measure(name: str, kwargs: dict, repeats: int) -> dict:
             network(torch.randn(1, 3, 512, 512))
         x = torch.randn(1, 3, 272, 400)
         network(x)
-        times = []
+        times, walls = [], []
         for _ in range(repeats):
-            start = time.process_time()
+            start, wall = time.process_time(), time.perf_counter()
             network(x)
             times.append(time.process_time() - start)
-    return {"params": params, "gflops": counter.get_total_flops() / 1e9, "cpu_s": min(times)}
+            walls.append(time.perf_counter() - wall)
+    return {"params": params, "gflops": counter.get_total_flops() / 1e9, "cpu_s": min(times), "wall_s": min(walls)}
 
 
 def main() -> None:
@@ -61,12 +62,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     extra = [(n, {}) for n in sorted(ARCHITECTURES) if n not in {r[0] for r in ROWS}]
     print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s)")
-    print("| architecture | builder arguments | parameters | GFLOPs / 512x512 | CPU s / 272x400 |")
-    print("|---|---|---:|---:|---:|")
+    print("| architecture | builder arguments | parameters | GFLOPs / 512x512 | CPU s / 272x400 | wall s |")
+    print("|---|---|---:|---:|---:|---:|")
     for name, kwargs in ROWS + extra:
         r = measure(name, kwargs, args.repeats)
         shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "defaults"
-        print(f"| `{name}` | {shown} | {r['params'] / 1e6:.2f} M | {r['gflops']:.1f} | {r['cpu_s']:.2f} |", flush=True)
+        print(f"| `{name}` | {shown} | {r['params'] / 1e6:.2f} M | {r['gflops']:.1f} | {r['cpu_s']:.2f} | {r['wall_s']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,10 @@ Choices the paper leaves open or that differ from it, and why:
   weight; the paper's per-epoch decay of the auxiliary weights is not reproduced.
 * **Memory.** The paper's full-width network is very large (2048 bridge channels), and a
   published re-implementation could not train it in 27 GB. The default ``width`` is 8 instead
-  of 64, and ``checkpointing=True`` wraps each group block and the output stage in
-  :func:`torch.utils.checkpoint.checkpoint`, so that a training step keeps only block
-  boundaries in memory and recomputes the rest during the backward pass (about one extra
-  forward pass of compute). Batch-norm running statistics are updated again on recompute,
+  of 64, and ``checkpointing=True`` wraps each group block, each full-resolution upsampler
+  and each output head in :func:`torch.utils.checkpoint.checkpoint`, so that a training step
+  keeps only block boundaries in memory and recomputes the rest during the backward pass,
+  one block at a time (about one extra forward pass of compute). Batch-norm running statistics are updated again on recompute,
   which only changes their effective momentum; gradients are exact. Mixed precision is
   applied by the shared training loop (CUDA autocast); see ``docs/benchmarks.md`` for
   measured CPU memory.
@@ -169,11 +169,6 @@ class MicroNet(nn.Module):
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def _outputs(self, size, b7: torch.Tensor, b8: torch.Tensor, b9: torch.Tensor):
-        maps = [_crop(up(b), size) for up, b in zip(self.upsamplers, (b9, b8, b7))]
-        aux = [head(m) for head, m in zip(self.aux_heads, maps)]
-        return self.head(torch.cat(maps, dim=1)), *aux
-
     def forward(self, x: torch.Tensor):
         size = x.shape[-2:]
         skips = []
@@ -189,7 +184,11 @@ class MicroNet(nn.Module):
             feats = self._run(block, feats, skips.pop())
             decoded.append(feats)
         _, b7, b8, b9 = decoded
-        out, *aux = self._run(lambda a, b, c: self._outputs(size, a, b, c), b7, b8, b9)
+        # Full-resolution maps dominate memory: one checkpoint segment per upsampler and head,
+        # so that the backward pass recomputes one of them at a time.
+        maps = [_crop(self._run(up, b), size) for up, b in zip(self.upsamplers, (b9, b8, b7))]
+        aux = [self._run(head, m) for head, m in zip(self.aux_heads, maps)]
+        out = self._run(lambda *m: self.head(torch.cat(m, dim=1)), *maps)
         if self.training:
             return {"out": out, "aux": aux}
         return out
