@@ -77,6 +77,14 @@ def test_eval_output_has_input_size_for_odd_sizes(name):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_normalisation_builds_and_runs(name, norm):
+    network = tiny(name, norm=norm).eval()
+    with torch.no_grad():
+        assert network(torch.randn(1, 3, 33, 47)).shape == (1, 3, 33, 47)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_gradient_step(name):
     network = tiny(name).train()

@@ -15,6 +15,8 @@ Choices the paper leaves open or that differ from it, and why:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -23,13 +25,20 @@ __all__ = ["UNet", "unet", "make_norm"]
 
 
 def make_norm(norm: str, channels: int) -> nn.Module:
-    """Normalisation layer by name: ``"batch"``, ``"instance"``, ``"group"`` or ``"none"``."""
+    """Normalisation layer by name: ``"batch"``, ``"instance"``, ``"group"`` or ``"none"``.
+
+    Group norm uses ``min(8, channels)`` groups, or ``gcd(8, channels)`` where that would not
+    divide the channel count, so every channel count works.
+    """
     if norm == "batch":
         return nn.BatchNorm2d(channels)
     if norm == "instance":
         return nn.InstanceNorm2d(channels, affine=True)
     if norm == "group":
-        return nn.GroupNorm(min(8, channels), channels)
+        groups = min(8, channels)
+        if channels % groups:  # e.g. 12 or 36 channels: 4 groups
+            groups = math.gcd(8, channels)
+        return nn.GroupNorm(groups, channels)
     if norm == "none":
         return nn.Identity()
     raise ValueError(f"Unknown normalisation {norm!r}; use batch, instance, group or none")
