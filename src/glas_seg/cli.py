@@ -19,6 +19,21 @@ def _progress_bar(total: int, desc: str, unit: str):
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
 
+def _training_reporter(bar):
+    """Progress callback for training events: loss on the bar, one line per validation."""
+
+    def progress(event: dict) -> None:
+        if "object_f1" in event:
+            bar.write(f"iteration {event['iteration']}: validation object F1 {event['object_f1']:.3f}, "
+                      f"pixel Dice {event['pixel_dice']:.3f}", file=sys.stderr)
+        if "loss" in event:
+            bar.n = event["iteration"]
+            bar.set_postfix(loss=f"{event['loss']:.3f}", refresh=False)
+            bar.update(0)
+
+    return progress
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     import tifffile
 
@@ -37,7 +52,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
                 result = segment(model, image, min_size=args.min_size, tile_size=args.tile_size,
                                  overlap=args.overlap, tta=args.tta)
             except (ValueError, FileNotFoundError) as exc:
-                bar.write(f"skipped {path}: {exc}")
+                bar.write(f"skipped {path}: {exc}", file=sys.stderr)
                 failures += 1
             else:
                 target = out / f"{path.stem}_labels.tif"
@@ -70,18 +85,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              crop_size=args.crop_size, learning_rate=args.lr, optimizer=args.optimizer,
                              seed=args.seed, device=args.device)
     bar = _progress_bar(args.iterations, "train", "it")
-
-    def progress(event: dict) -> None:
-        bar.n = event["iteration"]
-        postfix = {"loss": f"{event['loss']:.3f}"}
-        if "object_f1" in event:
-            postfix.update(dice=f"{event['pixel_dice']:.3f}", f1=f"{event['object_f1']:.3f}")
-            bar.write(f"iteration {event['iteration']}: pixel Dice {event['pixel_dice']:.3f}, "
-                      f"object F1 {event['object_f1']:.3f} (pooled {event['object_f1_pooled']:.3f})")
-        bar.set_postfix(postfix, refresh=False)
-        bar.update(0)
-
-    bar.n = 0
+    progress = _training_reporter(bar)
     _, state = train(config, settings, train_samples, val_samples, args.out, progress=progress)
     bar.close()
     best = Path(args.out) / "best.safetensors"
@@ -139,15 +143,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                 val_fraction=args.val_fraction, eval_every=args.eval_every, seed=args.seed,
                                 device=args.device)
     bar = _progress_bar(args.iterations, "fine-tune", "it")
-
-    def progress(event: dict) -> None:
-        if "object_f1" in event:
-            bar.write(f"iteration {event['iteration']}: validation object F1 {event['object_f1']:.3f}, "
-                      f"pixel Dice {event['pixel_dice']:.3f}")
-        if "loss" in event:
-            bar.n = event["iteration"]
-            bar.set_postfix(loss=f"{event['loss']:.3f}", refresh=False)
-            bar.update(0)
+    progress = _training_reporter(bar)
 
     description = f"folders {args.images_dir}" + (f" + {args.labels_dir}" if args.labels_dir else "")
     try:
