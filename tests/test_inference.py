@@ -42,11 +42,16 @@ def test_tiled_probabilities_match_whole_image(image):
     assert seam_cols < 4 * difference.mean() + 1e-3
 
 
-def test_bundled_model_tiles_agree(image):
+def test_bundled_model_tiles_agree():
+    from glas_seg._sample_data import glas_sample
+
+    sample = glas_sample()[0][0]  # 574x433 -> 287x217 at the working scale
     model = load_model("unet-glands", "cpu")
-    whole = predict_probabilities(model, image, tile_size=1024)
-    tiled = predict_probabilities(model, image, tile_size=64, overlap=0.5)
-    assert np.abs(whole - tiled).mean() < 0.02
+    whole = predict_probabilities(model, sample, tile_size=1024)
+    tiled = predict_probabilities(model, sample, tile_size=128, overlap=0.5)  # 12 tiles
+    difference = np.abs(whole - tiled)
+    assert difference.mean() < 0.01
+    assert (whole.argmax(0) == tiled.argmax(0)).mean() > 0.98
 
 
 def test_flip_tta_and_scale(image):

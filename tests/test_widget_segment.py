@@ -111,24 +111,31 @@ def test_uint16_rgba_and_stacks(widget, qtbot):
     assert labels.shape == (1, 2, 256, 256) and (labels[0, 0].max() > 0) != (labels[0, 1].max() > 0)
 
 
-def test_corrupt_model_file_gives_message(widget, qtbot, tmp_path, monkeypatch):
-    viewer, w = widget
+def test_damaged_model_files_give_messages(widget, qtbot):
+    """A truncated file is left out of the list; weights that do not fit fail with a message."""
     import os
+
+    import torch
+
+    from glas_seg.backend.checkpoint import ModelConfig, save_model
+    from glas_seg.backend.registry import build_model, find_model
+
+    viewer, w = widget
     store = os.environ["GLAS_SEG_MODEL_DIR"]
-    from glas_seg.backend.registry import find_model
-    import shutil
-    target = f"{store}/broken.safetensors"
-    shutil.copy(find_model("unet-glands").path, target)
-    with open(target, "r+b") as f:  # keep the header, damage the weights
-        f.seek(-4096, 2)
-        f.truncate()
+    truncated = find_model("unet-glands").path.read_bytes()[:-4096]
+    with open(f"{store}/truncated.safetensors", "wb") as f:
+        f.write(truncated)
+    small = ModelConfig(name="mismatch", architecture="unet", arch_kwargs={"width": 8, "depth": 2})
+    wrong = ModelConfig(name="mismatch", architecture="unet", arch_kwargs={"width": 16, "depth": 4})
+    torch.manual_seed(0)
+    save_model(f"{store}/mismatch.safetensors", build_model(small), wrong)  # header claims another size
     add_sample(viewer)
     w.image.value = viewer.layers["glas_train_12"]
-    w.refresh_models(select="broken")
-    assert w.model.value == "broken"
+    w.refresh_models(select="mismatch")
+    assert "truncated" not in w.model.choices and w.model.value == "mismatch"
     assert run_and_wait(qtbot, w) == "failed"
-    assert "broken" in w.task.last_error
-    assert "glas_train_12 glands" not in viewer.layers
+    assert "mismatch" in w.task.last_error and "do not match" in w.task.last_error
+    assert [layer.name for layer in viewer.layers] == ["glas_train_12", "glas_train_12 ground truth"]
 
 
 def test_manifest_opens_widget_and_sample(make_napari_viewer):
