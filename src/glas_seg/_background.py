@@ -103,3 +103,50 @@ class BackgroundTask(QObject):
         self.last_error = f"{type(exc).__name__}: {exc}"
         show_error(f"glas-seg: unexpected error: {self.last_error}")
         self.finished.emit("failed")
+
+
+class TaskPanel:
+    """Run and Cancel buttons, a progress bar and a status line bound to one :class:`BackgroundTask`.
+
+    Every dock widget that runs long work puts these four controls in its layout
+    (``panel.widgets``) and calls :meth:`start`; the panel disables Run while the task is under
+    way and reports how it ended.
+    """
+
+    def __init__(self, run_text: str, cancelled_text: str = "Cancelled; no layer was changed.") -> None:
+        from magicgui.widgets import Label, ProgressBar, PushButton
+
+        self.task = BackgroundTask()
+        self.run_button = PushButton(text=run_text)
+        self.cancel_button = PushButton(text="Cancel", enabled=False)
+        self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
+        self.status = Label(value="")
+        self.cancelled_text = cancelled_text
+        self.cancel_button.changed.connect(self.task.cancel)
+        self.task.progressed.connect(self._on_progress)
+        self.task.finished.connect(self._on_finished)
+
+    @property
+    def widgets(self) -> list:
+        return [self.run_button, self.cancel_button, self.progress, self.status]
+
+    def start(self, fn: Callable[..., Any], on_result: Callable[[Any], None], description: str, status: str) -> None:
+        self.run_button.enabled = False
+        self.cancel_button.enabled = True
+        self.progress.value = 0
+        self.progress.visible = True
+        self.status.value = status
+        self.task.start(fn, on_result, description)
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress.max = max(total, 1)
+        self.progress.value = done
+
+    def _on_finished(self, status: str) -> None:
+        self.run_button.enabled = True
+        self.cancel_button.enabled = False
+        self.progress.visible = False
+        if status == "cancelled":
+            self.status.value = self.cancelled_text
+        elif status == "failed":
+            self.status.value = f"Failed: {self.task.last_error}"

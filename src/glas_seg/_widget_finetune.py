@@ -2,7 +2,7 @@
 
 The widget copies the chosen layers when Fine-tune is clicked, so the user can keep editing
 while training runs and nothing they drew is ever changed. Training runs in the background
-(:class:`._background.BackgroundTask`) with a live loss / validation curve; the new model is
+(:class:`._background.TaskPanel`) with a live loss / validation curve; the new model is
 added to the store, selected in the Segment widget, and one click segments with it.
 """
 
@@ -13,13 +13,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import (
-    CheckBox, ComboBox, Container, FloatSpinBox, Label, LineEdit, ProgressBar, PushButton, SpinBox,
+    CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, PushButton, SpinBox,
 )
 from napari.layers import Image, Labels, Shapes
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
-from ._background import BackgroundTask
+from ._background import TaskPanel
 from .backend import model_store
 from .backend.finetune import FinetuneSettings, finetune, samples_from_arrays
 from .backend.registry import DEFAULT_MODEL, list_models
@@ -103,9 +103,10 @@ class FinetuneWidget(Container):
     def __init__(self, napari_viewer: "napari.Viewer") -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.task = BackgroundTask()
+        self.panel = TaskPanel("Fine-tune", "Cancelled: no model was saved and the base model is unchanged.")
+        self.task, self.run_button, self.cancel_button = self.panel.task, self.panel.run_button, self.panel.cancel_button
+        self.progress, self.status = self.panel.progress, self.panel.status
         self.relay = _Relay(self.native)  # dies with the widget's Qt objects
-        self.task.progressed.connect(self._on_progress)
         self.task.finished.connect(self._on_finished)
         self.relay.event.connect(self._on_event)
         self.relay.store_changed.connect(self._refresh_base_models)
@@ -130,15 +131,11 @@ class FinetuneWidget(Container):
                                       tooltip="Share of the images held out to measure the model (needs 2+ images)")
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.new_name = LineEdit(label="New model name", value="")
-        self.run_button = PushButton(text="Fine-tune")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
-        self.status = Label(value="")
         self.segment_button = PushButton(text="Segment current image with the new model", enabled=False)
         self.extend([
             self.base, self.pairs, self.add_pair_button, self.regions, self.iterations, self.learning_rate,
-            self.augment, self.val_share, self.device, self.new_name, self.run_button, self.cancel_button,
-            self.progress, self.status, self.segment_button,
+            self.augment, self.val_share, self.device, self.new_name, *self.panel.widgets,
+            self.segment_button,
         ])
         self._build_plot()
         self.add_pair()
@@ -147,7 +144,6 @@ class FinetuneWidget(Container):
         self.add_pair_button.changed.connect(self.add_pair)
         self.base.changed.connect(lambda _v: setattr(self.new_name, "value", self.suggest_name()))
         self.run_button.changed.connect(self.run)
-        self.cancel_button.changed.connect(self.task.cancel)
         self.segment_button.changed.connect(self.segment_with_new_model)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_layers)
@@ -311,13 +307,9 @@ class FinetuneWidget(Container):
 
         self.history = []
         self._draw_curves()
-        self.run_button.enabled = False
         self.segment_button.enabled = False
-        self.cancel_button.enabled = True
-        self.progress.visible = True
-        self.progress.value = 0
-        self.status.value = f"Fine-tuning {base} on {len(samples)} image(s)..."
-        self.task.start(job, self._on_result, f"glas-seg: fine-tuning {name}")
+        self.panel.start(job, self._on_result, f"glas-seg: fine-tuning {name}",
+                         f"Fine-tuning {base} on {len(samples)} image(s)...")
 
     def _on_event(self, event: dict) -> None:
         self.history.append(event)
@@ -325,10 +317,6 @@ class FinetuneWidget(Container):
         if "object_f1" in event or event["iteration"] == event["total"] or now - self._last_draw > 0.5:
             self._last_draw = now
             self._draw_curves()
-
-    def _on_progress(self, done: int, total: int) -> None:
-        self.progress.max = max(total, 1)
-        self.progress.value = done
 
     def _on_result(self, result) -> None:
         self.last_result = result
@@ -345,15 +333,8 @@ class FinetuneWidget(Container):
         self.new_name.value = self.suggest_name()
         self.segment_button.enabled = True
 
-    def _on_finished(self, status: str) -> None:
-        self.run_button.enabled = True
-        self.cancel_button.enabled = False
-        self.progress.visible = False
+    def _on_finished(self, _status: str) -> None:
         self._draw_curves()
-        if status == "cancelled":
-            self.status.value = "Cancelled: no model was saved and the base model is unchanged."
-        elif status == "failed":
-            self.status.value = f"Failed: {self.task.last_error}"
 
     # -- using the new model ---------------------------------------------------------------------
     def segment_widget(self, open_it: bool = True):

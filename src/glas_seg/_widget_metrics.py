@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, Label, ProgressBar, PushButton, Table
+from magicgui.widgets import CheckBox, ComboBox, Container, PushButton, Table
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.layers import Image, Labels
 from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info, show_warning
 
-from ._background import BackgroundTask
+from ._background import TaskPanel
 from ._widget_segment import unique_layer_name, writable_labels_layer
 from .backend.inference import Cancelled
 from .backend.metrics import planes
@@ -86,26 +86,22 @@ class MetricsWidget(Container):
         super().__init__(labels=True)
         self.viewer = napari_viewer
         self.report: Report | None = None
-        self.task = BackgroundTask()
-        self.task.progressed.connect(self._on_progress)
-        self.task.finished.connect(self._on_finished)
+        self.panel = TaskPanel("Evaluate")
+        self.task, self.run_button, self.cancel_button = self.panel.task, self.panel.run_button, self.panel.cancel_button
+        self.progress, self.status = self.panel.progress, self.panel.status
 
         self.prediction = ComboBox(label="Prediction", choices=self._labels_layers, nullable=True)
         self.ground_truth = ComboBox(label="Ground truth", choices=self._labels_layers, nullable=True)
         self.probability = ComboBox(label="Probability (optional)", choices=self._image_layers, nullable=True)
         self.add_errors = CheckBox(text="Show false positives / negatives as layers", value=True)
-        self.run_button = PushButton(text="Evaluate")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
-        self.status = Label(value="")
         self.table = Table(value={"data": [], "index": [], "columns": []})
         self.table.read_only = True
         self.table.min_height = 260
         self.export_csv = PushButton(text="Export CSV...", enabled=False)
         self.export_json = PushButton(text="Export JSON...", enabled=False)
         exports = Container(layout="horizontal", widgets=[self.export_csv, self.export_json], labels=False)
-        self.extend([self.prediction, self.ground_truth, self.probability, self.add_errors, self.run_button,
-                     self.cancel_button, self.progress, self.status, self.table, exports])
+        self.extend([self.prediction, self.ground_truth, self.probability, self.add_errors, *self.panel.widgets,
+                     self.table, exports])
         self.figure = Figure(figsize=(3.2, 3.0), tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(240)
@@ -113,7 +109,6 @@ class MetricsWidget(Container):
         self.native.layout().addWidget(self.canvas)
 
         self.run_button.changed.connect(self.run)
-        self.cancel_button.changed.connect(self.task.cancel)
         self.export_csv.changed.connect(lambda: self._export_dialog("csv"))
         self.export_json.changed.connect(lambda: self._export_dialog("json"))
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
@@ -191,26 +186,8 @@ class MetricsWidget(Container):
                     fn[index] = plane.matches[0].false_negative_ids
             return result, fp, fn
 
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
-        self.progress.visible = True
-        self.progress.value = 0
-        self.status.value = f"Evaluating {pred.name} against {gt.name} ({len(indices)} plane{'s' * (len(indices) > 1)})..."
-        self.task.start(job, lambda out: self._show(pred, gt, pred_data, gt_data, *out),
-                        f"glas-seg: evaluating {pred.name}")
-
-    def _on_progress(self, done: int, total: int) -> None:
-        self.progress.max = max(total, 1)
-        self.progress.value = done
-
-    def _on_finished(self, status: str) -> None:
-        self.run_button.enabled = True
-        self.cancel_button.enabled = False
-        self.progress.visible = False
-        if status == "cancelled":
-            self.status.value = "Cancelled; no layer was changed."
-        elif status == "failed":
-            self.status.value = f"Failed: {self.task.last_error}"
+        self.panel.start(job, lambda out: self._show(pred, gt, pred_data, gt_data, *out), f"glas-seg: evaluating {pred.name}",
+                         f"Evaluating {pred.name} against {gt.name} ({len(indices)} plane{'s' * (len(indices) > 1)})...")
 
     # -- results ---------------------------------------------------------------------------
     def _show(self, pred, gt, pred_data, gt_data, report: Report, fp: dict, fn: dict) -> None:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
-from ._background import BackgroundTask
+from ._background import TaskPanel
 from .backend import model_store
 from .backend.inference import segment
 from .backend.registry import DEFAULT_MODEL, list_models, load_model
@@ -63,9 +63,9 @@ class SegmentWidget(Container):
     def __init__(self, napari_viewer: "napari.Viewer") -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.task = BackgroundTask()
-        self.task.progressed.connect(self._on_progress)
-        self.task.finished.connect(self._on_finished)
+        self.panel = TaskPanel("Segment")
+        self.task, self.run_button, self.cancel_button = self.panel.task, self.panel.run_button, self.panel.cancel_button
+        self.progress, self.status = self.panel.progress, self.panel.status
         self._store_relay = StoreRelay(self.native)  # dies with the widget's Qt objects
         self._store_relay.changed.connect(self.refresh_models)
         model_store.subscribe(self._store_relay.notify)  # weak: never keeps this widget alive
@@ -80,21 +80,15 @@ class SegmentWidget(Container):
         self.overlap = FloatSpinBox(label="Tile overlap", min=0.0, max=0.75, step=0.05, value=0.25, visible=False)
         self.tta = CheckBox(text="Flip test-time augmentation", value=False, visible=False)
         self.min_size = SpinBox(label="Min object size (px)", min=0, max=100000, step=50, value=400, visible=False)
-        self.run_button = PushButton(text="Segment")
-        self.cancel_button = PushButton(text="Cancel", enabled=False)
-        self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
-        self.status = Label(value="")
         self.extend([
             self.image, self.model, self.device, self.planes, self.probabilities, self.advanced,
-            self.tile_size, self.overlap, self.tta, self.min_size,
-            self.run_button, self.cancel_button, self.progress, self.status,
+            self.tile_size, self.overlap, self.tta, self.min_size, *self.panel.widgets,
         ])
         if DEFAULT_MODEL in self.model.choices:
             self.model.value = DEFAULT_MODEL
         self.model.changed.connect(self._apply_model_defaults)
         self.advanced.changed.connect(self._toggle_advanced)
         self.run_button.changed.connect(self.run)
-        self.cancel_button.changed.connect(self.task.cancel)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self.reset_choices)
         napari_viewer.layers.selection.events.active.connect(self._follow_active_layer)
@@ -182,25 +176,8 @@ class SegmentWidget(Container):
                 probs.append(result.probabilities[1] + result.probabilities[2] if want_probs else None)
             return planes, labels, probs, model.config.scale
 
-        self.run_button.enabled = False
-        self.cancel_button.enabled = True
-        self.progress.visible = True
-        self.progress.value = 0
-        self.status.value = f"Segmenting {layer.name} ({len(planes)} plane{'s' * (len(planes) > 1)})..."
-        self.task.start(job, lambda out: self._add_layers(layer, stack_shape, *out), f"glas-seg: segmenting {layer.name}")
-
-    def _on_progress(self, done: int, total: int) -> None:
-        self.progress.max = max(total, 1)
-        self.progress.value = done
-
-    def _on_finished(self, status: str) -> None:
-        self.run_button.enabled = True
-        self.cancel_button.enabled = False
-        self.progress.visible = False
-        if status == "cancelled":
-            self.status.value = "Cancelled; no layer was changed."
-        elif status == "failed":
-            self.status.value = f"Failed: {self.task.last_error}"
+        self.panel.start(job, lambda out: self._add_layers(layer, stack_shape, *out), f"glas-seg: segmenting {layer.name}",
+                         f"Segmenting {layer.name} ({len(planes)} plane{'s' * (len(planes) > 1)})...")
 
     def _add_layers(self, image_layer: Image, stack_shape, planes, labels, probs, scale) -> None:
         plane_shape = labels[0].shape
