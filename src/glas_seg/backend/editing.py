@@ -10,12 +10,13 @@ Object ids are positive; 0 is background.
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import Iterable
 
 import numpy as np
 from scipy import ndimage as ndi
 from skimage.draw import line as draw_line
+from skimage.morphology import disk
 from skimage.segmentation import watershed
 
 from .postprocess import fill_holes_per_object, remove_small_labels
@@ -199,28 +200,20 @@ def rasterize_path(path: np.ndarray, shape: tuple[int, int], closed: bool = Fals
     return mask
 
 
-# Binary morphology with the disk ``x**2 + y**2 <= r**2`` (``skimage.morphology.disk(r)``): the
-# disk is a stack of horizontal segments, and a segment erosion is a sliding-window count along
-# rows (cumulative sums), so the cost is O(pixels * r) with small constants. Pixels beyond the
-# array count as foreground for an erosion and as background for a dilation.
+# Binary morphology with the disk ``x**2 + y**2 <= r**2`` (``skimage.morphology.disk(r)``).
+# Pixels beyond the array count as foreground for an erosion and as background for a dilation,
+# so an object touching the image border is treated as continuing past it.
+@functools.lru_cache(maxsize=16)
+def _disk(radius: int) -> np.ndarray:
+    return disk(radius).astype(bool)
+
+
 def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
-    r = int(radius)
-    height, width = mask.shape
-    padded = np.pad(mask, r, constant_values=True)
-    sums = np.zeros((padded.shape[0], padded.shape[1] + 1), dtype=np.int32)
-    np.cumsum(padded, axis=1, dtype=np.int32, out=sums[:, 1:])
-    out = np.ones(mask.shape, dtype=bool)
-    segments: dict[int, np.ndarray] = {}
-    for dy in range(-r, r + 1):
-        w = math.isqrt(r * r - dy * dy)
-        if w not in segments:  # all of [x - w, x + w] set, for every row of the padded mask
-            segments[w] = sums[:, r + w + 1:r + w + 1 + width] - sums[:, r - w:r - w + width] == 2 * w + 1
-        out &= segments[w][r + dy:r + dy + height]
-    return out
+    return ndi.binary_erosion(mask, structure=_disk(int(radius)), border_value=1)
 
 
 def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    return ~_erode(~mask, radius)
+    return ndi.binary_dilation(mask, structure=_disk(int(radius)), border_value=0)
 
 
 def _open(mask: np.ndarray, radius: int) -> np.ndarray:
