@@ -43,10 +43,12 @@ from glas_seg.backend.inference import segment
 from glas_seg.backend.metrics import f1_from_counts, object_detection_counts
 from glas_seg.backend.registry import load_model
 
-# Haematoxylin stronger and eosin much weaker than in GlaS, plus a small haematoxylin offset:
-# s' = s * (1 + ALPHA) + BETA per stain (H, E, DAB).
-ALPHA = (0.8, -0.5, 0.0)
-BETA = (0.0, 0.0, 0.03)
+# Haematoxylin at 30 % and eosin at 250 % of their GlaS amounts (pale nuclei, strongly pink
+# stroma and cytoplasm): s' = s * (1 + ALPHA) + BETA per stain (H, E, DAB). Chosen among a few
+# candidates as one where the default model clearly fails; the model trains with HED jitter of
+# about +-5 %, far smaller than this.
+ALPHA = (-0.7, 1.5, 0.0)
+BETA = (0.0, 0.0, 0.0)
 
 
 def shift(sample: Sample) -> Sample:
@@ -90,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-finetune", type=int, default=3, help="shifted images used as corrections")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-only", action="store_true")
+    parser.add_argument("--no-ablation", action="store_true", help="skip the run with batch-norm statistics updated")
     parser.add_argument("--json", default=None, help="write results here")
     args = parser.parse_args(argv)
 
@@ -123,12 +126,20 @@ def main(argv: list[str] | None = None) -> int:
                        description="benchmark: stain-shifted GlaS validation images with ground truth")
         tune_seconds = time.perf_counter() - started
         after = {"original": score(run.entry.name, test_original), "shifted": score(run.entry.name, test_shifted)}
+        if not args.no_ablation:  # the same run letting batch-norm statistics follow the new images
+            ablation = finetune(args.model, tune, "bench-shifted-bn", FinetuneSettings(
+                iterations=args.iterations, device="cpu", seed=args.seed, freeze_norm=False))
+            results["after_updating_norm_stats"] = {"original": score(ablation.entry.name, test_original),
+                                                    "shifted": score(ablation.entry.name, test_shifted)}
         drop = before["original"]["object_f1"] - before["shifted"]["object_f1"]
         gain = after["shifted"]["object_f1"] - before["shifted"]["object_f1"]
         results.update(before=before, after=after, finetune_seconds=round(tune_seconds, 1),
                        drop=round(drop, 4), gain=round(gain, 4),
                        recovered_fraction=round(gain / drop, 3) if drop > 0 else None)
-        for label, metrics in (("before", before), ("after", after)):
+        for label, metrics in (("before", before), ("after", after),
+                               ("after, norm stats updated", results.get("after_updating_norm_stats"))):
+            if metrics is None:
+                continue
             print(f"{label}: original {metrics['original']['object_f1']:.3f} "
                   f"(pooled {metrics['original']['object_f1_pooled']:.3f}), shifted {metrics['shifted']['object_f1']:.3f} "
                   f"(pooled {metrics['shifted']['object_f1_pooled']:.3f})", file=sys.stderr)

@@ -162,6 +162,18 @@ def test_finetune_adds_a_new_model_and_leaves_the_base_untouched(base):
     assert labels.shape == (96, 96)
 
 
+@pytest.mark.parametrize("freeze", [True, False])
+def test_batch_norm_statistics_are_kept_unless_asked(base, freeze):
+    result = finetune(str(base), [synthetic_sample("a", 0)], "bn", FinetuneSettings(**FAST, freeze_norm=freeze))
+    new, _ = load_state(result.entry.path)
+    old, _ = load_state(base)
+    stats = [k for k in old if k.endswith(("running_mean", "running_var"))]
+    weights = [k for k in old if k.endswith("weight")]
+    assert stats and weights
+    assert all(torch.equal(new[k], old[k]) for k in stats) is freeze
+    assert any(not torch.equal(new[k], old[k]) for k in weights)
+
+
 def test_validation_share_reports_before_and_after(base):
     samples = [synthetic_sample(str(i), i) for i in range(3)]
     events = []

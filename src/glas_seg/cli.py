@@ -141,7 +141,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = FinetuneSettings(iterations=args.iterations, learning_rate=args.lr, batch_size=args.batch_size,
                                 crop_size=args.crop_size, augment=not args.no_augment,
                                 val_fraction=args.val_fraction, eval_every=args.eval_every, seed=args.seed,
-                                device=args.device)
+                                device=args.device, freeze_norm=not args.update_norm_stats)
     bar = _progress_bar(args.iterations, "fine-tune", "it")
     progress = _training_reporter(bar)
 
@@ -251,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--batch-size", type=int, default=4)
     ft.add_argument("--crop-size", type=int, default=192, help="crop side at the model's working scale")
     ft.add_argument("--no-augment", action="store_true", help="train on plain crops")
+    ft.add_argument("--update-norm-stats", action="store_true",
+                    help="let batch-norm statistics follow the new images (default: keep the base model's)")
     ft.add_argument("--val-fraction", type=float, default=0.0, help="share of the pairs held out for validation")
     ft.add_argument("--eval-every", type=int, default=50)
     ft.add_argument("--seed", type=int, default=0)

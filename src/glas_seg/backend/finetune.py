@@ -50,6 +50,10 @@ class FinetuneSettings:
         At least one image is always kept for training.
     eval_every : int
         Validate every this many iterations (and at the end).
+    freeze_norm : bool
+        Keep the base model's batch-norm statistics (running mean and variance). Batches of a
+        few crops from a few images would otherwise replace them, and the model would forget
+        its original domain (see docs/finetuning.md for the measured difference).
     seed : int
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``... (see :func:`.registry.pick_device`).
@@ -62,6 +66,7 @@ class FinetuneSettings:
     augment: bool = True
     val_fraction: float = 0.0
     eval_every: int = 50
+    freeze_norm: bool = True
     seed: int = 0
     device: str = "auto"
 
@@ -306,7 +311,7 @@ def finetune(
         iterations=settings.iterations, eval_every=settings.eval_every if val else settings.iterations,
         batch_size=settings.batch_size, crop_size=settings.crop_size, learning_rate=settings.learning_rate,
         warmup=min(20, max(1, settings.iterations // 10)), augment=settings.augment, seed=settings.seed,
-        device=settings.device,
+        device=settings.device, freeze_norm=settings.freeze_norm,
     )
     history: list[dict] = []
 

@@ -44,6 +44,7 @@ class TrainSettings:
     augment: bool = True
     seed: int = 0
     device: str = "auto"
+    freeze_norm: bool = False  # keep batch-norm statistics fixed (fine-tuning on a few images)
 
 
 @dataclass
@@ -121,6 +122,20 @@ def evaluate(model: LoadedModel, samples: list[Sample]) -> dict[str, float]:
         "object_dice": pooled["object_dice"],
         "object_hausdorff": pooled["object_hausdorff"],
     }
+
+
+def set_train_mode(network: torch.nn.Module, freeze_norm: bool = False) -> None:
+    """Put a network in training mode; with ``freeze_norm`` its batch-norm layers stay in eval mode.
+
+    Frozen batch norm keeps the running mean and variance learnt on the full data set, which
+    small fine-tuning batches from a few images would otherwise overwrite (the model then
+    forgets the original domain); the layers' scale and shift are still trained.
+    """
+    network.train()
+    if freeze_norm:
+        for module in network.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 def _schedule(settings: TrainSettings) -> Callable[[int], float]:
@@ -219,7 +234,7 @@ def train(
             save_model(out_dir / "best.safetensors", network, record)
         atomic_write(state_file, lambda tmp: Path(tmp).write_text(json.dumps({"state": asdict(state), "settings": asdict(settings)}, indent=1)))
 
-    network.train()
+    set_train_mode(network, settings.freeze_norm)
     running = None
     while state.iteration < settings.iterations:
         if _should_stop(cancel):
@@ -243,7 +258,7 @@ def train(
             if val_samples:
                 network.eval()
                 metrics = evaluate(LoadedModel(network, config, device), val_samples)
-                network.train()
+                set_train_mode(network, settings.freeze_norm)
                 event.update(metrics)
             state.history.append({k: v for k, v in event.items() if k != "total"})
             checkpoint(metrics)
