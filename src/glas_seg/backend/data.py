@@ -11,10 +11,9 @@ import torch
 from skimage.transform import rescale
 
 from .augment import Augmenter
-from .image_io import IMAGE_SUFFIXES, read_image, read_labels, to_float_rgb
+from .image_io import IMAGE_SUFFIXES, LABEL_SUFFIXES, natural_key, read_image, read_labels, to_float_rgb
 from .targets import contour_targets
 
-LABEL_SUFFIXES = ("_anno", "_label", "_labels", "_mask", "_gt")
 
 
 @dataclass
@@ -63,13 +62,6 @@ def find_pairs(images_dir: str | Path, labels_dir: str | Path | None = None) -> 
             if path.stem in label_files:
                 pairs.append((path.stem, path, label_files[path.stem]))
     return sorted(pairs, key=lambda p: natural_key(p[0]))
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that orders ``train_2`` before ``train_10``."""
-    import re
-
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
 
 
 def read_patients(grade_csv: str | Path) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,13 @@ import tifffile
 from skimage import io as skio
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
+# Label-map file names: ``X_anno.bmp`` (GlaS), ``X_labels.tif`` (what ``glas-seg segment`` writes), ...
+LABEL_SUFFIXES = ("_anno", "_labels", "_label", "_mask", "_gt")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``train_2`` before ``train_10``."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -8,23 +8,19 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-from .image_io import IMAGE_SUFFIXES
+from .image_io import IMAGE_SUFFIXES, LABEL_SUFFIXES, natural_key
 from .metrics import ObjectMatches, match_stack, object_scores
 from .metrics_pixel import PIXEL_KEYS, auc, pixel_counts, pixel_scores, roc_curve
 
 OBJECT_KEYS = ("object_f1", "object_dice", "object_hausdorff", "object_precision", "object_recall",
                "tp", "fp", "fn", "n_pred", "n_gt", "count_error")
 COLUMNS = OBJECT_KEYS + PIXEL_KEYS + ("roc_auc",)
-# Label-map file names: ``X_anno.bmp`` (GlaS), ``X_labels.tif`` (glas-seg segment), ...
-# (the same list as backend.data, which is not imported here because it loads torch).
-LABEL_SUFFIXES = ("_anno", "_labels", "_label", "_mask", "_gt")
 
 
 @dataclass
@@ -147,11 +143,6 @@ def score_set(items: Iterable[tuple], progress: Callable[[int, int], None] | Non
 
 
 # -- files --------------------------------------------------------------------------------
-def natural_key(name: str) -> tuple:
-    """Sort key that orders ``train_2`` before ``train_10``."""
-    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t)
-
-
 def _label_files(folder: Path) -> dict[str, Path]:
     """Map name -> label file; ``X_anno.bmp`` / ``X_labels.tif`` win over a plain ``X.png``."""
     if not folder.is_dir():
