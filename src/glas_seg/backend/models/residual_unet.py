@@ -33,11 +33,13 @@ Choices the paper leaves open or that differ from it, and why:
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .unet import make_norm
+from .unet import UNet, make_norm
 
 __all__ = ["RecurrentConv", "RecurrentResidualBlock", "ResidualUNet", "residual_unet"]
 
@@ -76,18 +78,7 @@ class RecurrentResidualBlock(nn.Module):
         return x + self.body(x)
 
 
-class Up(nn.Module):
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, t: int, norm: str) -> None:
-        super().__init__()
-        self.reduce = nn.Conv2d(in_channels, skip_channels, 3, padding=1)
-        self.block = RecurrentResidualBlock(2 * skip_channels, out_channels, t, norm)
-
-    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        return self.block(torch.cat([skip, self.reduce(x)], dim=1))
-
-
-class ResidualUNet(nn.Module):
+class ResidualUNet(UNet):
     """U-Net of recurrent residual blocks; see :func:`residual_unet` for the parameters."""
 
     def __init__(
@@ -99,27 +90,8 @@ class ResidualUNet(nn.Module):
         t: int = 2,
         norm: str = "batch",
     ) -> None:
-        super().__init__()
-        if depth < 1:
-            raise ValueError("depth must be at least 1")
-        channels = [width * 2**i for i in range(depth + 1)]
-        self.encoder = nn.ModuleList([RecurrentResidualBlock(in_channels, channels[0], t, norm)])
-        self.encoder.extend(RecurrentResidualBlock(channels[i], channels[i + 1], t, norm) for i in range(depth))
-        self.decoder = nn.ModuleList(
-            Up(channels[i + 1], channels[i], channels[i], t, norm) for i in reversed(range(depth))
-        )
-        self.head = nn.Conv2d(channels[0], num_classes, 1)
-        self.size_multiple = 2**depth
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, block in enumerate(self.encoder):
-            x = block(x if i == 0 else F.max_pool2d(x, 2, ceil_mode=True))
-            skips.append(x)
-        x = skips.pop()
-        for up in self.decoder:
-            x = up(x, skips.pop())
-        return self.head(x)
+        super().__init__(in_channels, num_classes, width, depth, norm,
+                         block=partial(RecurrentResidualBlock, t=t, norm=norm))
 
 
 def residual_unet(

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import math
 
+from functools import partial
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -57,11 +60,14 @@ class DoubleConv(nn.Sequential):
         )
 
 
+Block = Callable[[int, int], nn.Module]  # (in_channels, out_channels) -> module keeping H and W
+
+
 class Up(nn.Module):
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, norm: str) -> None:
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, block: Block) -> None:
         super().__init__()
         self.reduce = nn.Conv2d(in_channels, skip_channels, 3, padding=1)
-        self.conv = DoubleConv(2 * skip_channels, out_channels, norm)
+        self.conv = block(2 * skip_channels, out_channels)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
@@ -69,19 +75,25 @@ class Up(nn.Module):
 
 
 class UNet(nn.Module):
-    """Encoder-decoder with skip connections; see :func:`unet` for the parameters."""
+    """Encoder-decoder with skip connections; see :func:`unet` for the parameters.
+
+    ``block(in_channels, out_channels)`` builds each level's convolution block (a
+    :class:`DoubleConv` by default); other U-Net variants pass their own.
+    """
 
     def __init__(
-        self, in_channels: int = 3, num_classes: int = 3, width: int = 16, depth: int = 4, norm: str = "batch"
+        self, in_channels: int = 3, num_classes: int = 3, width: int = 16, depth: int = 4, norm: str = "batch",
+        block: Block | None = None,
     ) -> None:
         super().__init__()
         if depth < 1:
             raise ValueError("depth must be at least 1")
+        block = block or partial(DoubleConv, norm=norm)
         channels = [width * 2**i for i in range(depth + 1)]
-        self.encoder = nn.ModuleList([DoubleConv(in_channels, channels[0], norm)])
-        self.encoder.extend(DoubleConv(channels[i], channels[i + 1], norm) for i in range(depth))
+        self.encoder = nn.ModuleList([block(in_channels, channels[0])])
+        self.encoder.extend(block(channels[i], channels[i + 1]) for i in range(depth))
         self.decoder = nn.ModuleList(
-            Up(channels[i + 1], channels[i], channels[i], norm) for i in reversed(range(depth))
+            Up(channels[i + 1], channels[i], channels[i], block) for i in reversed(range(depth))
         )
         self.head = nn.Conv2d(channels[0], num_classes, 1)
         self.size_multiple = 2**depth
