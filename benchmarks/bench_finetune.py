@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from glas_seg.backend.augment import fixed_hed_shift
-from glas_seg.backend.data import Sample, glas_split, load_sample
+from glas_seg.backend.data import Sample, glas_split, load_sample, read_patients
 from glas_seg.backend.finetune import FinetuneSettings, finetune
 from glas_seg.backend.inference import segment
 from glas_seg.backend.metrics import f1_from_counts, object_detection_counts
@@ -131,6 +131,15 @@ def main(argv: list[str] | None = None) -> int:
                 iterations=args.iterations, device="cpu", seed=args.seed, freeze_norm=False))
             results["after_updating_norm_stats"] = {"original": score(ablation.entry.name, test_original),
                                                     "shifted": score(ablation.entry.name, test_shifted)}
+        # Test images from patients none of the fine-tuning images came from.
+        patients = read_patients(Path(args.data) / "Grade.csv")
+        tuned = {patients.get(s.name) for s in tune}
+        unseen = [s.name for s in test_original if patients.get(s.name) not in tuned]
+        results["unseen_patients"] = {
+            "images": unseen,
+            **{f"{when}_{domain}": round(float(np.mean([m[domain]["per_image"][n] for n in unseen])), 4)
+               for when, m in (("before", before), ("after", after)) for domain in ("original", "shifted")},
+        } if unseen else None
         drop = before["original"]["object_f1"] - before["shifted"]["object_f1"]
         gain = after["shifted"]["object_f1"] - before["shifted"]["object_f1"]
         results.update(before=before, after=after, finetune_seconds=round(tune_seconds, 1),
@@ -144,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"(pooled {metrics['original']['object_f1_pooled']:.3f}), shifted {metrics['shifted']['object_f1']:.3f} "
                   f"(pooled {metrics['shifted']['object_f1_pooled']:.3f})", file=sys.stderr)
         print(f"drop {drop:.3f}, recovered {results['recovered_fraction']}", file=sys.stderr)
+        print(f"unseen patients: {results['unseen_patients']}", file=sys.stderr)
     text = json.dumps(results, indent=1)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

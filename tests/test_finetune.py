@@ -290,3 +290,17 @@ def test_module_has_no_qt():
     source = Path(finetune_module.__file__).read_text() + Path(model_store.__file__).read_text()
     for forbidden in ("qtpy", "PyQt", "import napari", "from napari", "magicgui"):
         assert forbidden not in source
+
+
+def test_default_model_finetunes_on_the_sample_and_keeps_working():
+    """The bundled model, two steps on the packaged sample: a loadable user model that segments."""
+    from glas_seg._sample_data import SAMPLE_DIR
+    from glas_seg.backend.data import load_sample
+    from glas_seg.backend.registry import DEFAULT_MODEL, find_model
+
+    assert find_model(DEFAULT_MODEL).source == "bundled"
+    sample = load_sample("glas_train_12", SAMPLE_DIR / "glas_train_12.png", SAMPLE_DIR / "glas_train_12_anno.png")
+    result = finetune(DEFAULT_MODEL, [sample], "default-ft", FinetuneSettings(iterations=2, device="cpu"))
+    assert result.entry.config.base_model == DEFAULT_MODEL
+    labels = segment(load_model("default-ft", "cpu"), sample.image).labels
+    assert labels.shape == sample.labels.shape and labels.max() > 3
