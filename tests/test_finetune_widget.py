@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -144,3 +147,20 @@ def test_store_changes_reach_the_segment_dropdown(make_napari_viewer, qtbot, tin
     model_store.rename_model("tiny-base", "renamed")
     qtbot.waitUntil(lambda: "renamed" in segment.model.choices, timeout=5000)
     assert "tiny-base" not in segment.model.choices
+
+
+@pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs an X display (xvfb-run)")
+def test_opening_the_widget_in_a_running_napari_does_not_crash():
+    """napari imports plugin widgets after its OpenGL canvas exists; importing torchvision then
+    loads Triton's LLVM next to Mesa's and the process segfaulted. Run it in a fresh process."""
+    code = (
+        "import napari\n"
+        "viewer = napari.Viewer(show=True)\n"
+        "_, widget = viewer.window.add_plugin_dock_widget('glas-seg', 'Fine-tune')\n"
+        "import torchvision\n"
+        "print('opened', type(widget).__name__)\n"
+        "viewer.close()\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"exit code {run.returncode}: {run.stderr[-2000:]}"
+    assert "opened FinetuneWidget" in run.stdout

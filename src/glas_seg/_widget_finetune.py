@@ -8,8 +8,25 @@ added to the store, selected in the Segment widget, and one click segments with 
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import TYPE_CHECKING
+
+
+def _keep_triton_out() -> None:
+    """Tell torch there is no Triton in this (napari) process, unless it is already loaded.
+
+    Fine-tuning imports torchvision, whose import pulls in ``torch._dynamo``, which probes for
+    Triton by importing it. Triton's compiler library carries its own LLVM; loaded into a process
+    where an OpenGL driver built on LLVM (Mesa: llvmpipe under Xvfb, radeonsi...) is already
+    loaded, as in napari once its canvas exists, the process segfaults. glas-seg never compiles
+    kernels, so ``import triton`` is made to raise ImportError instead, which torch handles.
+    """
+    if "triton" not in sys.modules:
+        sys.modules["triton"] = None
+
+
+_keep_triton_out()
 
 import numpy as np
 from magicgui.widgets import (
@@ -118,7 +135,7 @@ class FinetuneWidget(Container):
         self.base = ComboBox(label="Base model", choices=self._model_names)
         if DEFAULT_MODEL in self.base.choices:
             self.base.value = DEFAULT_MODEL
-        self.pairs = Container(labels=False, widgets=[])
+        self.pairs = Container(labels=False, widgets=[], label="Image / Labels")
         self.pairs.margins = (0, 0, 0, 0)
         self.add_pair_button = PushButton(text="Add image / labels pair")
         self.regions = ComboBox(label="Regions (Shapes)", choices=self._shapes_layers, nullable=True,
@@ -137,6 +154,7 @@ class FinetuneWidget(Container):
             self.augment, self.val_share, self.device, self.new_name, *self.panel.widgets,
             self.segment_button,
         ])
+        self.status.native.setWordWrap(True)
         self._build_plot()
         self.add_pair()
         self.new_name.value = self.suggest_name()
@@ -173,6 +191,8 @@ class FinetuneWidget(Container):
             ax2.plot(*zip(*vals), "o-", color="tab:orange", ms=3, lw=1)
         ax.set_xlabel("iteration", fontsize=7)
         ax.set_ylabel("loss", fontsize=7, color="tab:blue")
+        ax2.yaxis.tick_right()  # clear() forgets that a twin axis lives on the right
+        ax2.yaxis.set_label_position("right")
         ax2.set_ylabel("val. object F1", fontsize=7, color="tab:orange")
         ax2.set_ylim(0, 1)
         for a in (ax, ax2):
@@ -323,7 +343,7 @@ class FinetuneWidget(Container):
         name = result.entry.name
         text = f"Saved model {name!r} ({result.wall_seconds:.0f} s)."
         if result.before and result.after:
-            text += f" Validation object F1 {result.before['object_f1']:.3f} -> {result.after['object_f1']:.3f}."
+            text += f" Val. object F1 {result.before['object_f1']:.3f} -> {result.after['object_f1']:.3f}."
         self.status.value = text
         show_info(f"glas-seg: {text}")
         segment = self.segment_widget(open_it=False)
