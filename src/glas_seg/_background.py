@@ -8,15 +8,34 @@ traceback dialog.
 
 from __future__ import annotations
 
-import threading
-from typing import Any, Callable
+import sys
 
-from napari.qt.threading import create_worker
-from napari.utils import progress as napari_progress
-from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import QObject, Signal
 
-from .backend.inference import Cancelled
+def _keep_triton_out() -> None:
+    """Tell torch there is no Triton in this (napari) process, unless it is already loaded.
+
+    Training (fine-tuning) imports torchvision, whose import pulls in ``torch._dynamo``, which probes for
+    Triton by importing it. Triton's compiler library carries its own LLVM; loaded into a process
+    where an OpenGL driver built on LLVM (Mesa: llvmpipe under Xvfb, radeonsi...) is already
+    loaded, as in napari once its canvas exists, the process segfaults. glas-seg never compiles
+    kernels, so ``import triton`` is made to raise ImportError instead, which torch handles.
+    """
+    if "triton" not in sys.modules:
+        sys.modules["triton"] = None
+
+
+# Every dock widget that runs backend work imports this module before the backend.
+_keep_triton_out()
+
+import threading  # noqa: E402  (imports after the Triton guard on purpose)
+from typing import Any, Callable  # noqa: E402
+
+from napari.qt.threading import create_worker  # noqa: E402
+from napari.utils import progress as napari_progress  # noqa: E402
+from napari.utils.notifications import show_error, show_info  # noqa: E402
+from qtpy.QtCore import QObject, Signal  # noqa: E402
+
+from .backend.inference import Cancelled  # noqa: E402
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, PermissionError, OSError, MemoryError)
 

@@ -8,25 +8,8 @@ added to the store, selected in the Segment widget, and one click segments with 
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import TYPE_CHECKING
-
-
-def _keep_triton_out() -> None:
-    """Tell torch there is no Triton in this (napari) process, unless it is already loaded.
-
-    Fine-tuning imports torchvision, whose import pulls in ``torch._dynamo``, which probes for
-    Triton by importing it. Triton's compiler library carries its own LLVM; loaded into a process
-    where an OpenGL driver built on LLVM (Mesa: llvmpipe under Xvfb, radeonsi...) is already
-    loaded, as in napari once its canvas exists, the process segfaults. glas-seg never compiles
-    kernels, so ``import triton`` is made to raise ImportError instead, which torch handles.
-    """
-    if "triton" not in sys.modules:
-        sys.modules["triton"] = None
-
-
-_keep_triton_out()
 
 import numpy as np
 from magicgui.widgets import (
