@@ -46,3 +46,11 @@ def test_unknown_model_is_a_clean_error(tmp_path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "glas_seg.cli", "train", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--data" in out.stdout
+
+
+def test_segment_mode_needs_a_model_with_modes(tmp_path, capsys):
+    from pathlib import Path
+
+    sample = Path(__file__).resolve().parents[1] / SAMPLE
+    code = main(["segment", str(sample), "--out", str(tmp_path), "--mode", "fast"])
+    assert code == 2 and "has no inference modes" in capsys.readouterr().err

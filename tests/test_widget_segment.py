@@ -146,3 +146,31 @@ def test_manifest_opens_widget_and_sample(make_napari_viewer):
     viewer.open_sample("glas-seg", "glas")
     assert viewer.layers["glas_train_12"].rgb
     assert widget.image.value is viewer.layers["glas_train_12"]
+
+
+def test_unet_plus_plus_inference_mode(widget, qtbot):
+    """Models with several inference modes show the mode choice, and segmenting uses it."""
+    import os
+
+    import torch
+
+    from glas_seg.backend.checkpoint import ModelConfig, save_model
+    from glas_seg.backend.registry import build_model, load_model
+
+    viewer, w = widget
+    config = ModelConfig(name="upp", architecture="unet_plus_plus", arch_kwargs={"width": 4, "depth": 3}, min_size=0)
+    torch.manual_seed(0)
+    save_model(f"{os.environ['GLAS_SEG_MODEL_DIR']}/upp.safetensors", build_model(config), config)
+    assert load_model("upp", "cpu", mode="fast").network.mode == "fast"
+    with pytest.raises(ValueError, match="no inference modes"):
+        load_model("unet-glands", "cpu", mode="fast")
+
+    add_sample(viewer)
+    w.image.value = viewer.layers["glas_train_12"]
+    w.refresh_models(select="upp")
+    assert w._has_modes and w.mode.choices == ("accurate", "fast")
+    w.mode.value = "fast"
+    assert run_and_wait(qtbot, w) == "done"
+    assert viewer.layers["glas_train_12 glands"].data.shape == (433, 574)
+    w.model.value = "unet-glands"
+    assert not w._has_modes

@@ -13,6 +13,7 @@ from qtpy.QtCore import QObject, Signal
 from ._background import TaskPanel
 from .backend import model_store
 from .backend.inference import segment
+from .backend.models import INFERENCE_MODES
 from .backend.registry import DEFAULT_MODEL, list_models, load_model
 from .backend.stacks import all_planes, fingerprint, leading_shape
 
@@ -73,6 +74,9 @@ class SegmentWidget(Container):
         self.image = ComboBox(label="Image", choices=self._image_layers, nullable=True)
         self.model = ComboBox(label="Model", choices=self._model_names)
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self._has_modes = False  # whether the selected model's architecture has inference modes
+        self.mode = ComboBox(label="Inference mode", choices=["accurate", "fast"], value="accurate", visible=False,
+                             tooltip="U-Net++: accurate averages all heads; fast uses one pruned head")
         self.planes = ComboBox(label="Stack planes", choices=["current plane", "all planes"], value="current plane")
         self.probabilities = CheckBox(text="Add probability layer", value=False)
         self.advanced = CheckBox(text="Advanced options", value=False)
@@ -81,7 +85,7 @@ class SegmentWidget(Container):
         self.tta = CheckBox(text="Flip test-time augmentation", value=False, visible=False)
         self.min_size = SpinBox(label="Min object size (px)", min=0, max=100000, step=50, value=400, visible=False)
         self.extend([
-            self.image, self.model, self.device, self.planes, self.probabilities, self.advanced,
+            self.image, self.model, self.mode, self.device, self.planes, self.probabilities, self.advanced,
             self.tile_size, self.overlap, self.tta, self.min_size, *self.panel.widgets,
         ])
         if DEFAULT_MODEL in self.model.choices:
@@ -130,6 +134,11 @@ class SegmentWidget(Container):
             if entry.name == self.model.value:
                 self.tile_size.value = entry.config.tile_size
                 self.min_size.value = entry.config.min_size
+                modes = INFERENCE_MODES.get(entry.config.architecture)
+                self._has_modes = modes is not None
+                self.mode.visible = self._has_modes
+                if modes:
+                    self.mode.choices = list(modes)
 
     # -- running ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -162,10 +171,11 @@ class SegmentWidget(Container):
             planes = all_planes(data.shape, rgb) if stack_shape else [()]
         options = dict(tile_size=self.tile_size.value, overlap=self.overlap.value, tta=self.tta.value)
         model_name, device, min_size = self.model.value, self.device.value, self.min_size.value
+        mode = self.mode.value if self._has_modes else None
         want_probs = self.probabilities.value
 
         def job(report, cancel):
-            model = load_model(model_name, device)
+            model = load_model(model_name, device, mode=mode)
             labels, probs = [], []
             for i, index in enumerate(planes):
                 result = segment(

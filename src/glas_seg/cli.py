@@ -41,7 +41,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .backend.inference import segment
     from .backend.registry import load_model
 
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, mode=args.mode)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
@@ -205,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction")
     seg.add_argument("--min-size", type=int, default=None, help="smallest object kept, in image pixels")
     seg.add_argument("--tta", action="store_true", help="average over flips (slower, slightly better)")
+    seg.add_argument("--mode", default=None, choices=["accurate", "fast"],
+                     help="inference mode of models that have several (U-Net++: average the heads or one pruned head)")
     seg.set_defaults(func=cmd_segment)
 
     tr = sub.add_parser("train", help="train a model on a GlaS-style folder",

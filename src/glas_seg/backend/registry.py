@@ -15,7 +15,7 @@ import torch
 from platformdirs import user_data_dir
 
 from .checkpoint import ModelConfig, load_state, read_config
-from .models import build_architecture
+from .models import INFERENCE_MODES, build_architecture
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_MODEL = "unet-glands"
@@ -90,8 +90,14 @@ def build_model(config: ModelConfig) -> torch.nn.Module:
     return build_architecture(config.architecture, **config.arch_kwargs)
 
 
-def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device | None = "auto") -> LoadedModel:
+def load_model(
+    name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.device | None = "auto", mode: str | None = None
+) -> LoadedModel:
     """Load a ready-to-run model by name or path.
+
+    ``mode`` picks the inference mode of architectures that have several (U-Net++:
+    ``"accurate"`` averages its heads, ``"fast"`` uses one pruned head); ``None`` keeps the
+    model's own.
 
     Raises
     ------
@@ -105,5 +111,9 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: str | torch.dev
         network.load_state_dict(state)
     except RuntimeError as exc:
         raise ValueError(f"Weights in {entry.path.name} do not match architecture {config.architecture}") from exc
+    if mode is not None:
+        if config.architecture not in INFERENCE_MODES:
+            raise ValueError(f"Model {entry.name} ({config.architecture}) has no inference modes")
+        network.set_mode(mode)
     target = pick_device(device)
     return LoadedModel(network.to(target).eval(), config, target)

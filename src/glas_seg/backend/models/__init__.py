@@ -10,6 +10,7 @@ from .kidney_segnet import kidney_segnet
 from .micronet import micronet
 from .residual_unet import residual_unet
 from .unet import unet
+from .unet_plus_plus import MODES as UNET_PLUS_PLUS_MODES
 from .unet_plus_plus import unet_plus_plus
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
@@ -18,6 +19,11 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "residual_unet": residual_unet,
     "kidney_segnet": kidney_segnet,
     "micronet": micronet,
+}
+
+# Architectures whose networks can switch inference mode after loading (``network.set_mode``).
+INFERENCE_MODES: dict[str, tuple[str, ...]] = {
+    "unet_plus_plus": UNET_PLUS_PLUS_MODES,
 }
 
 
