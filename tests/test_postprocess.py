@@ -53,3 +53,15 @@ def test_resize_labels_nearest_keeps_ids():
     big = resize_labels(labels, (4, 5))
     assert big.shape == (4, 5) and set(np.unique(big)) == {1, 2, 3, 70000}
     assert big[0, 0] == 1 and big[-1, -1] == 70000
+
+
+def test_hole_filling_with_huge_sparse_ids():
+    labels = np.zeros((20, 20), np.int64)
+    labels[2:12, 2:12] = 4_000_000_000
+    labels[5:8, 5:8] = 0
+    labels[14:18, 14:18] = 7
+    filled = fill_holes_per_object(labels)
+    assert filled.dtype == np.int64 and (filled[2:12, 2:12] == 4_000_000_000).all()
+    assert (filled[14:18, 14:18] == 7).all() and filled[0, 0] == 0
+    full = np.full((4, 4), 10**12, np.int64)  # no background at all
+    np.testing.assert_array_equal(fill_holes_per_object(full), full)

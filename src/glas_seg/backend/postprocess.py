@@ -20,6 +20,12 @@ def fill_holes_per_object(labels: np.ndarray) -> np.ndarray:
     -------
     ndarray, same shape and dtype.
     """
+    if labels.size and labels.max() > labels.size:
+        # find_objects allocates one entry per id up to the largest: compact huge sparse ids first.
+        ids, compact = np.unique(labels, return_inverse=True)
+        offset = 0 if ids[0] == 0 else 1
+        filled = fill_holes_per_object(compact.reshape(labels.shape) + offset)
+        return np.concatenate([[0], ids] if offset else [ids])[filled].astype(labels.dtype)
     out = labels.copy()
     for index, box in enumerate(ndi.find_objects(labels), start=1):
         if box is None:
