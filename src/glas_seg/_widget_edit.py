@@ -256,7 +256,7 @@ class EditWidget(Container):
             return False
         try:
             changed = apply_plane_edit(layer, plane, new)
-        except (TypeError, ValueError, NotImplementedError) as exc:
+        except (TypeError, ValueError, NotImplementedError) as exc:  # read-only or lazy (dask/zarr) layer data
             self._fail(f"could not write to {layer.name!r}: {exc}")
             return False
         self.status.value = f"{done} ({changed} px changed)" if changed else f"{done}: nothing changed"
