@@ -29,3 +29,23 @@ def touching_squares() -> np.ndarray:
     labels[5:25, 25:45] = 2
     labels[40:60, 40:60] = 5
     return labels
+
+
+@pytest.fixture
+def docked(make_napari_viewer):
+    """Factory: ``docked(WidgetClass)`` -> ``(viewer, widget)`` with the widget docked in a new viewer."""
+
+    def make(widget_class):
+        viewer = make_napari_viewer()
+        widget = widget_class(viewer)
+        viewer.window.add_dock_widget(widget)
+        return viewer, widget
+
+    return make
+
+
+def run_and_wait(qtbot, widget, timeout=60000) -> str:
+    """Click Run on a widget with a ``task`` and wait until it ends; returns how it ended."""
+    with qtbot.waitSignal(widget.task.finished, timeout=timeout) as blocker:
+        widget.run()
+    return blocker.args[0]

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_and_wait
 
 from glas_seg._sample_data import glas_sample
 from glas_seg._widget_metrics import MetricsWidget, format_value
@@ -12,17 +13,8 @@ pytestmark = pytest.mark.gui
 
 
 @pytest.fixture
-def widget(make_napari_viewer):
-    viewer = make_napari_viewer()
-    widget = MetricsWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    return viewer, widget
-
-
-def run_and_wait(qtbot, widget, timeout=60000):
-    with qtbot.waitSignal(widget.task.finished, timeout=timeout) as blocker:
-        widget.run()
-    return blocker.args[0]
+def widget(docked):
+    return docked(MetricsWidget)
 
 
 def squares():

@@ -2,23 +2,15 @@
 
 import numpy as np
 import pytest
+from conftest import run_and_wait
 
 from glas_seg._sample_data import glas_sample
 from glas_seg._widget_segment import SegmentWidget
 
 
 @pytest.fixture
-def widget(make_napari_viewer):
-    viewer = make_napari_viewer()
-    widget = SegmentWidget(viewer)
-    viewer.window.add_dock_widget(widget)
-    return viewer, widget
-
-
-def run_and_wait(qtbot, widget, timeout=60000):
-    with qtbot.waitSignal(widget.task.finished, timeout=timeout) as blocker:
-        widget.run()
-    return blocker.args[0]
+def widget(docked):
+    return docked(SegmentWidget)
 
 
 def add_sample(viewer):
