@@ -183,7 +183,7 @@ class SegmentWidget(Container):
                     progress=lambda done, total, i=i: report(i * total + done, len(planes) * total), **options,
                 )
                 labels.append(result.labels)
-                probs.append(result.probabilities[1] + result.probabilities[2] if want_probs else None)
+                probs.append(result.foreground if want_probs else None)
             return planes, labels, probs, model.config.scale
 
         self.panel.start(job, lambda out: self._add_layers(layer, stack_shape, *out), f"glas-seg: segmenting {layer.name}",

@@ -64,20 +64,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .backend.checkpoint import ModelConfig, save_model
-    from .backend.data import glas_split, load_sample
+    from .backend.data import dataset_split, load_sample
     from .backend.models import ARCHITECTURES
     from .backend.training import TrainSettings, train
 
     if args.model not in ARCHITECTURES:
         raise ValueError(f"Unknown architecture {args.model!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-    train_pairs, val_pairs = glas_split(args.data, args.val_fraction, args.seed)
+    train_pairs, val_pairs = dataset_split(args.data, args.val_fraction, args.seed)
     print(f"{len(train_pairs)} training and {len(val_pairs)} validation images (patient-wise split)", file=sys.stderr)
     train_samples = [load_sample(*p) for p in train_pairs]
     val_samples = [load_sample(*p) for p in val_pairs]
     arch_kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
     config = ModelConfig(
         name=args.name, architecture=args.model, arch_kwargs=arch_kwargs, task=args.task, scale=args.scale,
-        min_size=args.min_size,
+        min_size=args.min_size, tile_size=args.tile_size,
         training={"data": str(args.data), "split": f"patient-wise, val_fraction={args.val_fraction}, seed={args.seed}",
                   "val_names": [p[0] for p in val_pairs]},
     )
@@ -209,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="inference mode of models that have several (U-Net++: average the heads or one pruned head)")
     seg.set_defaults(func=cmd_segment)
 
-    tr = sub.add_parser("train", help="train a model on a GlaS-style folder",
-                        description="Train on DATA/train (X.bmp + X_anno.bmp) with a patient-wise validation split from DATA/Grade.csv.")
-    tr.add_argument("--data", required=True, help="folder with train/ and Grade.csv")
+    tr = sub.add_parser("train", help="train a model on a GlaS-style or image/label folder",
+                        description="Train on DATA/train (X.bmp + X_anno.bmp) with a patient-wise validation split from "
+                                    "DATA/Grade.csv, or on a folder of X.png + X_label.tif pairs (e.g. MoNuSeg) split by "
+                                    "patient (TCGA barcode) or by image.")
+    tr.add_argument("--data", required=True, help="GlaS folder (train/ + Grade.csv) or folder of image/label pairs")
     tr.add_argument("--out", required=True, help="run folder (resumed if it exists)")
     tr.add_argument("--model", default="unet", help="architecture name")
     tr.add_argument("--arch-kwargs", default="", help='builder arguments as JSON, e.g. \'{"width": 16}\'')
@@ -225,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--optimizer", default="adamw", choices=["adamw", "amsgrad"])
     tr.add_argument("--min-size", type=int, default=400, help="default smallest object for this model, image pixels")
+    tr.add_argument("--tile-size", type=int, default=384, help="default inference tile side for this model, network pixels")
     tr.add_argument("--val-fraction", type=float, default=0.2)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto")

@@ -111,6 +111,36 @@ def glas_split(glas_root: str | Path, val_fraction: float = 0.2, seed: int = 0) 
     return [by_name[n] for n in train], [by_name[n] for n in val]
 
 
+def patient_of(name: str) -> str:
+    """Patient id encoded in an image name: the TCGA patient barcode (``TCGA-TSS-PPPP``) of
+    TCGA-derived sets such as MoNuSeg, otherwise the image name itself (one image, one patient)."""
+    parts = name.split("-")
+    if len(parts) >= 3 and parts[0].upper() == "TCGA":
+        return "-".join(parts[:3])
+    return name
+
+
+def dataset_split(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> tuple[list, list]:
+    """Patient-wise split of a training folder into pairs lists.
+
+    ``root`` is either a GlaS folder (``train/`` + ``Grade.csv``, patients from the CSV) or a
+    folder of image/label pairs (or one holding such a ``train/`` folder, like MoNuSeg), whose
+    patients come from the names (:func:`patient_of`).
+    """
+    root = Path(root)
+    if (root / "Grade.csv").is_file():
+        return glas_split(root, val_fraction, seed)
+    folder = root / "train" if (root / "train").is_dir() else root
+    pairs = find_pairs(folder)
+    if len(pairs) < 2:
+        raise ValueError(f"{folder} holds {len(pairs)} image/label pair(s); training needs at least 2 "
+                         "(X.png + X_label.tif, or GlaS-style X.bmp + X_anno.bmp)")
+    names = [p[0] for p in pairs]
+    train, val = patient_split(names, {n: patient_of(n) for n in names}, val_fraction, seed)
+    by_name = {p[0]: p for p in pairs}
+    return [by_name[n] for n in train], [by_name[n] for n in val]
+
+
 def load_sample(name: str, image_path: Path, label_path: Path) -> Sample:
     image = to_float_rgb(read_image(image_path))
     labels = read_labels(label_path)
@@ -131,16 +161,26 @@ def rescale_sample(sample: Sample, scale: float) -> Sample:
 class PatchDataset(torch.utils.data.IterableDataset):
     """Endless stream of augmented ``(image, target)`` crops from samples at working scale.
 
+    Parameters
+    ----------
+    targets : {"contours", "instances"}
+        What ``target`` holds: contour classes for semantic networks, or the crop's instance
+        ids for networks that predict instances (Mask R-CNN).
+
     Yields
     ------
     image : float32 tensor ``(3, crop, crop)`` normalised with ``mean`` / ``std``
-    target : int64 tensor ``(crop, crop)``, 0 background / 1 interior / 2 boundary
+    target : int64 tensor ``(crop, crop)``, 0 background / 1 interior / 2 boundary, or instance
+        ids (0 background); -1 marks ignored pixels in both.
     """
 
     def __init__(self, samples: list[Sample], crop_size: int, mean, std, augment: bool = True, seed: int = 0,
-                 valid_masks: list[np.ndarray] | None = None) -> None:
+                 valid_masks: list[np.ndarray] | None = None, targets: str = "contours") -> None:
         if not samples:
             raise ValueError("No training samples")
+        if targets not in ("contours", "instances"):
+            raise ValueError(f"targets must be 'contours' or 'instances', not {targets!r}")
+        self.targets = targets
         self.samples = samples
         self.valid_masks = valid_masks
         self.augmenter = Augmenter(crop_size, strength=1.0 if augment else 0.0, seed=seed)
@@ -158,7 +198,8 @@ class PatchDataset(torch.utils.data.IterableDataset):
             shifted = np.where(known, sample.labels.astype(np.int64) + 1, 0)
             image, shifted = self.augmenter(sample.image, shifted)
             ignore = shifted == 0
-            target = contour_targets(np.maximum(shifted - 1, 0)).astype(np.int64)
+            instances = np.maximum(shifted - 1, 0)
+            target = (instances if self.targets == "instances" else contour_targets(instances)).astype(np.int64)
             target[ignore] = -1
             image_t = (torch.from_numpy(image).permute(2, 0, 1) - self.mean) / self.std
             yield image_t, torch.from_numpy(target)

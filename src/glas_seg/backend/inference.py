@@ -13,6 +13,7 @@ from torch.nn import functional as F
 from .image_io import to_float_rgb
 from .postprocess import instances_from_probabilities, resize_labels
 from .registry import LoadedModel
+from .stitching import pieces_from_tile, stitch_pieces
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -26,11 +27,18 @@ class Segmentation:
     """Result of :func:`segment`.
 
     labels : int32 ``(H, W)`` instance ids at the input's size.
-    probabilities : float32 ``(C, h, w)`` class probabilities at the model's working scale.
+    probabilities : float32 ``(C, h, w)`` class probabilities at the model's working scale;
+        channel 0 is background (for instance networks, channel 1 is the highest mask
+        probability of any detected object).
     """
 
     labels: np.ndarray
     probabilities: np.ndarray
+
+    @property
+    def foreground(self) -> np.ndarray:
+        """Probability that a pixel belongs to some object, float32 ``(h, w)`` at the working scale."""
+        return 1.0 - self.probabilities[0]
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -79,6 +87,34 @@ def prepare_input(image: np.ndarray, model: LoadedModel) -> torch.Tensor:
     return (rgb - mean) / std
 
 
+def _tiled_input(model: LoadedModel, image: np.ndarray, tile_size: int | None, overlap: float):
+    """Normalised, padded input and the tiles covering it.
+
+    Returns
+    -------
+    x : float32 tensor ``(1, 3, H, W)``, padded up to the network's size multiple (up to one tile)
+    boxes : list of (top, left) tile positions
+    tile_shape : (th, tw)
+    image_shape : (h, w) at the working scale, before padding
+    """
+    if not 0 <= overlap <= 0.9:
+        raise ValueError("overlap must be between 0 and 0.9")
+    x = prepare_input(image, model)
+    _, _, h, w = x.shape
+    tile = int(tile_size or model.config.tile_size)
+    # Tiles must be multiples of the network's total stride; small images are padded up.
+    multiple = size_multiple(model.network)
+    tile = max(multiple, tile // multiple * multiple)
+    pad_h, pad_w = max(0, min(tile, -(-h // multiple) * multiple) - h), max(0, min(tile, -(-w // multiple) * multiple) - w)
+    if pad_h or pad_w:
+        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
+    H, W = x.shape[-2:]
+    th, tw = min(tile, H), min(tile, W)
+    stride_h, stride_w = max(1, int(th * (1 - overlap))), max(1, int(tw * (1 - overlap)))
+    boxes = [(y, x0) for y in tile_starts(H, th, stride_h) for x0 in tile_starts(W, tw, stride_w)]
+    return x, boxes, (th, tw), (h, w)
+
+
 def _should_stop(cancel) -> bool:
     if cancel is None:
         return False
@@ -119,21 +155,8 @@ def predict_probabilities(
     -------
     probabilities : ndarray of float32, shape ``(num_classes, h, w)``
     """
-    if not 0 <= overlap <= 0.9:
-        raise ValueError("overlap must be between 0 and 0.9")
-    x = prepare_input(image, model)
-    _, _, h, w = x.shape
-    tile = int(tile_size or model.config.tile_size)
-    # Tiles must be multiples of the network's total stride; small images are padded up.
-    multiple = size_multiple(model.network)
-    tile = max(multiple, tile // multiple * multiple)
-    pad_h, pad_w = max(0, min(tile, -(-h // multiple) * multiple) - h), max(0, min(tile, -(-w // multiple) * multiple) - w)
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(h, w) > max(pad_h, pad_w) else "replicate")
+    x, boxes, (th, tw), (h, w) = _tiled_input(model, image, tile_size, overlap)
     H, W = x.shape[-2:]
-    th, tw = min(tile, H), min(tile, W)
-    stride_h, stride_w = max(1, int(th * (1 - overlap))), max(1, int(tw * (1 - overlap)))
-    boxes = [(y, x0) for y in tile_starts(H, th, stride_h) for x0 in tile_starts(W, tw, stride_w)]
     window = blend_window(th, tw)
     num_classes = len(model.config.class_names)
     total = torch.zeros(num_classes, H, W)
@@ -161,13 +184,68 @@ def predict_probabilities(
     return (total / weight)[:, :h, :w].numpy()
 
 
+def predicts_instances(model: LoadedModel) -> bool:
+    """Whether the network detects instances itself (Mask R-CNN) rather than classifying pixels."""
+    return bool(getattr(model.network, "predicts_instances", False))
+
+
+@torch.inference_mode()
+def predict_instances(
+    model: LoadedModel,
+    image: np.ndarray,
+    tile_size: int | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    tta: bool = False,
+    min_size: int = 1,
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | Callable[[], bool] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Instances of a 2D image from a detection network, stitched across tiles.
+
+    Parameters are those of :func:`predict_probabilities`, plus ``min_size`` (pixels at the
+    working scale). Flip test-time augmentation does not apply to detections.
+
+    Returns
+    -------
+    labels : int32 ndarray ``(h, w)`` at the working scale
+    probabilities : float32 ndarray ``(2, h, w)``: background and highest object-mask probability
+    """
+    if tta:
+        raise ValueError(f"Flip test-time augmentation is not available for {model.config.architecture} models "
+                         "(they detect instances directly); turn it off")
+    x, boxes, (th, tw), (h, w) = _tiled_input(model, image, tile_size, overlap)
+    foreground = torch.zeros(h, w)
+    pieces = []
+    for start in range(0, len(boxes), batch_size):
+        if _should_stop(cancel):
+            raise Cancelled()
+        chunk = boxes[start : start + batch_size]
+        batch = torch.stack([x[0, :, y : y + th, x0 : x0 + tw] for y, x0 in chunk]).to(model.device)
+        with torch.autocast(model.device.type, enabled=model.device.type == "cuda"):
+            detections = model.network(batch)
+        for (y, x0), found in zip(chunk, detections):
+            masks = found["masks"][:, 0].float().cpu()
+            if len(masks):
+                visible = masks[:, : h - y, : w - x0].amax(0)
+                region = foreground[y : y + visible.shape[0], x0 : x0 + visible.shape[1]]
+                torch.maximum(region, visible, out=region)
+            pieces += pieces_from_tile(masks.numpy(), found["scores"].float().cpu().numpy(), y, x0, (h, w))
+        if progress is not None:
+            progress(min(start + batch_size, len(boxes)), len(boxes))
+    labels = stitch_pieces(pieces, (h, w), min_size=min_size)
+    foreground = foreground.numpy()
+    return labels, np.stack([1.0 - foreground, foreground]).astype(np.float32)
+
+
 def segment(
     model: LoadedModel,
     image: np.ndarray,
     min_size: int | None = None,
     **predict_kwargs,
 ) -> Segmentation:
-    """Instance labels for a 2D image: tiled prediction, then watershed post-processing.
+    """Instance labels for a 2D image: tiled prediction, then watershed post-processing (or,
+    for networks that detect instances, the tiles' instances stitched together).
 
     Parameters
     ----------
@@ -182,8 +260,12 @@ def segment(
     Segmentation
         ``labels`` int32 ``(H, W)`` and ``probabilities`` at the working scale.
     """
-    probabilities = predict_probabilities(model, image, **predict_kwargs)
     scale = model.config.scale
     min_size = model.config.min_size if min_size is None else min_size
-    labels = instances_from_probabilities(probabilities, min_size=max(1, round(min_size * scale**2)))
+    working_min_size = max(1, round(min_size * scale**2))
+    if predicts_instances(model):
+        labels, probabilities = predict_instances(model, image, min_size=working_min_size, **predict_kwargs)
+    else:
+        probabilities = predict_probabilities(model, image, **predict_kwargs)
+        labels = instances_from_probabilities(probabilities, min_size=working_min_size)
     return Segmentation(resize_labels(labels, np.asarray(image).shape[:2]), probabilities)

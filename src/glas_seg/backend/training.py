@@ -214,8 +214,11 @@ def train(
     if valid_masks is not None:
         masks = [rescale_sample(Sample("", s.image, m.astype(np.uint8)), scale).labels.astype(bool)
                  for s, m in zip(train_samples, valid_masks)]
+    # Networks that predict instances (Mask R-CNN) take instance labels and return their own loss.
+    predicts_instances = getattr(network, "predicts_instances", False)
     dataset = PatchDataset(small, settings.crop_size, config.mean, config.std, settings.augment,
-                           seed=settings.seed + state.iteration, valid_masks=masks)
+                           seed=settings.seed + state.iteration, valid_masks=masks,
+                           targets="instances" if predicts_instances else "contours")
     batches = iter(torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=0))
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -242,7 +245,10 @@ def train(
         images, targets = next(batches)
         images, targets = images.to(device), targets.to(device)
         with torch.autocast(device.type, enabled=use_amp):
-            loss = training_loss(network(images), targets, settings)
+            if predicts_instances:
+                loss = network(images, targets)["loss"]
+            else:
+                loss = training_loss(network(images), targets, settings)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -7,6 +7,7 @@ from typing import Callable
 from torch import nn
 
 from .kidney_segnet import kidney_segnet
+from .mask_rcnn import mask_rcnn
 from .micronet import micronet
 from .residual_unet import residual_unet
 from .unet import unet
@@ -19,6 +20,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "residual_unet": residual_unet,
     "kidney_segnet": kidney_segnet,
     "micronet": micronet,
+    "mask_rcnn": mask_rcnn,
 }
 
 # Architectures whose networks can switch inference mode after loading (``network.set_mode``).
