@@ -68,3 +68,69 @@ def test_patch_dataset_yields_normalised_crops_with_ignore(touching_squares):
     assert x.shape == (3, 96, 96) and x.dtype == torch.float32 and y.dtype == torch.int64
     # The 64 px image is padded to 96: padding is ignored (-1), the rest has real classes.
     assert (y == -1).any() and set(torch.unique(y).tolist()) <= {-1, 0, 1, 2}
+
+
+def test_patient_of_reads_tcga_barcodes():
+    from glas_seg.backend.data import patient_of
+
+    assert patient_of("TCGA-21-5784-01Z-00-DX1") == "TCGA-21-5784"
+    assert patient_of("tcga-AB-1234-01") == "tcga-AB-1234"
+    assert patient_of("slide_7") == "slide_7"
+
+
+def test_dataset_split_of_a_pairs_folder_groups_tcga_patients(tmp_path):
+    from glas_seg.backend.data import dataset_split
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    lab = np.zeros((8, 8), np.uint8)
+    names = [f"TCGA-AA-{p:04d}-01Z-00-DX{k}" for p in range(5) for k in (1, 2)]
+    for name in names:
+        skio.imsave(tmp_path / f"{name}.png", img, check_contrast=False)
+        skio.imsave(tmp_path / f"{name}_label.png", lab, check_contrast=False)
+    train, val = dataset_split(tmp_path, val_fraction=0.3, seed=1)
+    assert len(train) + len(val) == 10 and len(val) >= 3
+    patients = lambda pairs: {p[0][:12] for p in pairs}  # noqa: E731
+    assert patients(train).isdisjoint(patients(val))
+    with pytest.raises(ValueError, match="at least 2"):
+        dataset_split(_empty(tmp_path))
+
+
+def _empty(tmp_path):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    return folder
+
+
+def test_monuseg_split_is_patient_wise(shared_data):
+    from glas_seg.backend.data import dataset_split
+
+    train, val = dataset_split(shared_data / "monuseg")
+    assert len(train) + len(val) == 30 and 5 <= len(val) <= 8
+    assert {p[0][:12] for p in train}.isdisjoint({p[0][:12] for p in val})
+
+
+def test_binary_mask_samples_read_tnbc_as_connected_components(shared_data):
+    from glas_seg.backend.data import binary_mask_samples
+
+    samples = binary_mask_samples(shared_data / "tnbc")
+    assert len(samples) == 50
+    first = samples[0]
+    assert first.image.shape == (512, 512, 3) and first.labels.shape == (512, 512)
+    assert first.labels.max() > 10
+    assert np.array_equal(np.unique(first.labels), np.arange(first.labels.max() + 1))
+
+
+def test_binary_mask_samples_pairs_sibling_folders(tmp_path):
+    from glas_seg.backend.data import binary_mask_samples
+
+    (tmp_path / "Slide_01").mkdir()
+    (tmp_path / "GT_01").mkdir()
+    mask = np.zeros((16, 16), np.uint8)
+    mask[2:5, 2:5] = 255
+    mask[10:14, 9:15] = 255
+    skio.imsave(tmp_path / "Slide_01" / "01_1.png", np.zeros((16, 16, 3), np.uint8), check_contrast=False)
+    skio.imsave(tmp_path / "GT_01" / "01_1.png", mask, check_contrast=False)
+    (sample,) = binary_mask_samples(tmp_path)
+    assert sample.name == "01/01_1" and sample.labels.max() == 2
+    with pytest.raises(ValueError, match="pairs"):
+        binary_mask_samples(tmp_path / "GT_01")

@@ -166,3 +166,31 @@ def test_unet_plus_plus_inference_mode(widget, qtbot):
     assert viewer.layers["glas_train_12 glands"].data.shape == (433, 574)
     w.model.value = "unet-glands"
     assert not w._has_modes
+
+
+def test_mask_rcnn_model_segments_and_turns_flips_off(widget, qtbot):
+    """Instance models run through the same widget; flip averaging does not apply to them."""
+    import os
+
+    import torch
+
+    from glas_seg.backend.checkpoint import ModelConfig, save_model
+    from glas_seg.backend.registry import build_model
+
+    viewer, w = widget
+    config = ModelConfig(name="mrcnn", architecture="mask_rcnn", arch_kwargs={"fpn_channels": 16, "score_threshold": 0.0},
+                         min_size=0, tile_size=256)
+    torch.manual_seed(0)
+    save_model(f"{os.environ['GLAS_SEG_MODEL_DIR']}/mrcnn.safetensors", build_model(config).eval(), config)
+    add_sample(viewer)
+    w.image.value = viewer.layers["glas_train_12"]
+    w.tta.value = True
+    w.probabilities.value = True
+    w.refresh_models(select="mrcnn")
+    assert not w.tta.enabled and not w.tta.value
+    assert run_and_wait(qtbot, w) == "done"
+    labels = viewer.layers["glas_train_12 glands"].data
+    assert labels.shape == (433, 574) and labels.max() > 0
+    assert "glas_train_12 gland probability" in viewer.layers
+    w.model.value = "unet-glands"
+    assert w.tta.enabled

@@ -13,7 +13,7 @@ from qtpy.QtCore import QObject, Signal
 from ._background import TaskPanel
 from .backend import model_store
 from .backend.inference import segment
-from .backend.models import INFERENCE_MODES
+from .backend.models import INFERENCE_MODES, INSTANCE_ARCHITECTURES
 from .backend.registry import DEFAULT_MODEL, list_models, load_model
 from .backend.stacks import all_planes, fingerprint, leading_shape
 
@@ -139,6 +139,11 @@ class SegmentWidget(Container):
                 self.mode.visible = self._has_modes
                 if modes:
                     self.mode.choices = list(modes)
+                # Flip averaging applies to pixel probabilities, not to detected instances.
+                flips_apply = entry.config.architecture not in INSTANCE_ARCHITECTURES
+                self.tta.enabled = flips_apply
+                if not flips_apply:
+                    self.tta.value = False
 
     # -- running ---------------------------------------------------------------------------
     def run(self) -> None:

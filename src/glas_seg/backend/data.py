@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 from skimage.transform import rescale
 
 from .augment import Augmenter
@@ -147,6 +148,30 @@ def load_sample(name: str, image_path: Path, label_path: Path) -> Sample:
     if labels.shape != image.shape[:2]:
         raise ValueError(f"{name}: labels {labels.shape} and image {image.shape[:2]} differ in size")
     return Sample(name, image, labels)
+
+
+def binary_mask_samples(root: str | Path, image_prefix: str = "Slide_", mask_prefix: str = "GT_") -> list[Sample]:
+    """Images with binary object masks in sibling folders, as TNBC ships them.
+
+    ``root/Slide_XX/N.png`` pairs with ``root/GT_XX/N.png`` (0 background, non-zero object).
+    Touching objects are not separated in such masks, so connected components stand in for
+    instances (8-connectivity).
+
+    Returns
+    -------
+    list of Sample, named ``XX/N``, sorted naturally.
+    """
+    root = Path(root)
+    samples = []
+    for image_dir in sorted(root.glob(f"{image_prefix}*"), key=lambda p: natural_key(p.name)):
+        suffix = image_dir.name[len(image_prefix):]
+        for name, image_path, mask_path in find_pairs(image_dir, root / f"{mask_prefix}{suffix}"):
+            image = to_float_rgb(read_image(image_path))
+            labels, _ = ndi.label(read_labels(mask_path) > 0, structure=np.ones((3, 3)))
+            samples.append(Sample(f"{suffix}/{name}", image, labels.astype(np.int32)))
+    if not samples:
+        raise ValueError(f"No {image_prefix}XX/ + {mask_prefix}XX/ image/mask pairs under {root}")
+    return samples
 
 
 def rescale_sample(sample: Sample, scale: float) -> Sample:

@@ -29,6 +29,11 @@ INFERENCE_MODES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Architectures that detect instances themselves (their networks have ``predicts_instances``);
+# the others classify pixels into background / interior / boundary.
+INSTANCE_ARCHITECTURES: frozenset[str] = frozenset({"mask_rcnn"})
+
+
 def build_architecture(name: str, **kwargs) -> nn.Module:
     """Build an untrained network by architecture name with builder keyword arguments."""
     try:
