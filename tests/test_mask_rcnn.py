@@ -191,3 +191,21 @@ def test_segment_sample_image_with_tiles_and_stitching():
     assert steps[-1][0] == steps[-1][1] > 1  # several tiles at tile size 128
     with pytest.raises(ValueError, match="test-time augmentation"):
         segment(model, image, tta=True)
+
+
+def test_finetune_a_mask_rcnn_model_with_a_corrected_region(tmp_path):
+    from glas_seg.backend.finetune import FinetuneSettings, finetune
+
+    torch.manual_seed(0)
+    config = ModelConfig(name="mrcnn-base", architecture="mask_rcnn", scale=1.0, tile_size=96, min_size=20,
+                         arch_kwargs={"fpn_channels": 16, "anchor_size": 8})
+    base = save_model(tmp_path / "mrcnn-base.safetensors", build_architecture("mask_rcnn", **config.arch_kwargs), config)
+    sample = Sample("s", *disk_scene(96))
+    region = np.zeros((96, 96), bool)
+    region[:, :60] = True
+    settings = FinetuneSettings(iterations=2, batch_size=2, crop_size=64, eval_every=2, device="cpu")
+    result = finetune(str(base), [sample], "mrcnn-clinic", settings, valid_masks=[region])
+    loaded = load_model("mrcnn-clinic", "cpu")
+    assert loaded.config.architecture == "mask_rcnn" and loaded.config.base_model == "mrcnn-base"
+    assert result.entry.source == "user"
+    assert segment(loaded, sample.image).labels.shape == (96, 96)
