@@ -15,6 +15,18 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: on a busy 2-core machine, OpenMP threads spin-waiting for
+    each other make small networks many times slower. Restored afterwards for other modules."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_model_store(tmp_path_factory, monkeypatch):
     """User models go to a temporary folder, never to the developer's own store."""

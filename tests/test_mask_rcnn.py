@@ -18,12 +18,7 @@ from glas_seg.backend.training import TrainSettings, train
 SAMPLE = "src/glas_seg/sample_data/glas_train_12.png"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def network(**kwargs) -> torch.nn.Module:

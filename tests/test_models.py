@@ -28,14 +28,7 @@ TINY = {
 NAMES = sorted(set(ARCHITECTURES) - INSTANCE_ARCHITECTURES)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine, OpenMP threads spin-waiting for each
-    other make these tiny networks ~50x slower; restored afterwards for other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(name: str, **extra) -> torch.nn.Module:
