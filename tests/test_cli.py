@@ -54,3 +54,26 @@ def test_segment_mode_needs_a_model_with_modes(tmp_path, capsys):
     sample = Path(__file__).resolve().parents[1] / SAMPLE
     code = main(["segment", str(sample), "--out", str(tmp_path), "--mode", "fast"])
     assert code == 2 and "has no inference modes" in capsys.readouterr().err
+
+
+def test_train_mask_rcnn_on_a_pairs_folder_then_segment(tmp_path, capsys):
+    """`train --model mask_rcnn` on an image/label folder (MoNuSeg layout), then `segment` with it."""
+    yy, xx = np.mgrid[:96, :96]
+    for k in range(4):
+        labels = np.zeros((96, 96), np.uint16)
+        for i, (cy, cx) in enumerate([(25, 25), (30, 70), (70, 45)], start=1):
+            labels[(yy - cy - 3 * k) ** 2 + (xx - cx) ** 2 <= 144] = i
+        image = np.where(labels[..., None] > 0, 200, 60).astype(np.uint8).repeat(3, axis=2)
+        skio.imsave(tmp_path / f"img{k}.png", image, check_contrast=False)
+        tifffile.imwrite(tmp_path / f"img{k}_label.tif", labels)
+    model_file = tmp_path / "m.safetensors"
+    argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--model", "mask_rcnn",
+            "--arch-kwargs", '{"fpn_channels": 16, "anchor_size": 8}', "--name", "m", "--task", "nuclei",
+            "--scale", "1", "--iterations", "2", "--eval-every", "2", "--batch-size", "2", "--crop-size", "64",
+            "--min-size", "10", "--tile-size", "64", "--device", "cpu", "--export", str(model_file)]
+    assert main(argv) == 0
+    assert "3 training and 1 validation images" in capsys.readouterr().err
+    code = main(["segment", str(tmp_path / "img0.png"), "--out", str(tmp_path / "o"), "--model", str(model_file), "--tta"])
+    assert code == 2 and "--tta does not apply to mask_rcnn" in capsys.readouterr().err
+    assert main(["segment", str(tmp_path / "img0.png"), "--out", str(tmp_path / "o"), "--model", str(model_file)]) == 0
+    assert tifffile.imread(tmp_path / "o" / "img0_labels.tif").shape == (96, 96)

@@ -23,8 +23,12 @@ if TYPE_CHECKING:
 METADATA_KEY = "glas_seg"
 
 
-def output_layer_name(image_name: str) -> str:
-    return f"{image_name} glands"
+SINGULAR = {"glands": "gland", "nuclei": "nucleus"}
+
+
+def output_layer_name(image_name: str, task: str = "glands") -> str:
+    """``"<image> glands"`` (or ``nuclei``, after the model's task)."""
+    return f"{image_name} {task}"
 
 
 def writable_labels_layer(viewer: "napari.Viewer", name: str) -> Labels | None:
@@ -189,12 +193,12 @@ class SegmentWidget(Container):
                 )
                 labels.append(result.labels)
                 probs.append(result.foreground if want_probs else None)
-            return planes, labels, probs, model.config.scale
+            return planes, labels, probs, model.config.scale, model.config.task
 
         self.panel.start(job, lambda out: self._add_layers(layer, stack_shape, *out), f"glas-seg: segmenting {layer.name}",
                          f"Segmenting {layer.name} ({len(planes)} plane{'s' * (len(planes) > 1)})...")
 
-    def _add_layers(self, image_layer: Image, stack_shape, planes, labels, probs, scale) -> None:
+    def _add_layers(self, image_layer: Image, stack_shape, planes, labels, probs, scale, task) -> None:
         plane_shape = labels[0].shape
         if stack_shape and len(planes) > 1:
             full = np.zeros(stack_shape + plane_shape, dtype=np.int32)
@@ -205,7 +209,7 @@ class SegmentWidget(Container):
             full[planes[0]] = labels[0]
         else:
             full = labels[0]
-        name = output_layer_name(image_layer.name)
+        name = output_layer_name(image_layer.name, task)
         meta = {METADATA_KEY: {"fingerprint": fingerprint(full), "model": self.model.value, "image": image_layer.name}}
         target = writable_labels_layer(self.viewer, name)
         if target is not None:
@@ -219,8 +223,8 @@ class SegmentWidget(Container):
         if probs[0] is not None:
             prob = probs[0] if len(probs) == 1 else np.stack(probs)
             factor = 1 / scale
-            self.viewer.add_image(prob, name=unique_layer_name(self.viewer, f"{image_layer.name} gland probability"),
+            self.viewer.add_image(prob, name=unique_layer_name(self.viewer, f"{image_layer.name} {SINGULAR.get(task, task)} probability"),
                                   colormap="magma", opacity=0.5, contrast_limits=(0, 1), visible=False,
                                   scale=[factor] * prob.ndim if prob.ndim == 2 else [1] * (prob.ndim - 2) + [factor] * 2)
         count = len(np.unique(labels[-1])) - 1
-        self.status.value = f"{target.name}: {count} glands" + (f" in the last of {len(planes)} planes" if len(planes) > 1 else "")
+        self.status.value = f"{target.name}: {count} {task}" + (f" in the last of {len(planes)} planes" if len(planes) > 1 else "")

@@ -38,10 +38,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     import tifffile
 
     from .backend.image_io import read_image
-    from .backend.inference import segment
+    from .backend.inference import predicts_instances, segment
     from .backend.registry import load_model
 
     model = load_model(args.model, args.device, mode=args.mode)
+    if args.tta and predicts_instances(model):
+        raise ValueError(f"--tta does not apply to {model.config.architecture} models (they detect instances directly)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failures = 0
