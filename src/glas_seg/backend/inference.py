@@ -123,6 +123,20 @@ def _should_stop(cancel) -> bool:
     return bool(cancel())
 
 
+def _tile_batches(x: torch.Tensor, boxes, tile_shape, batch_size: int, device: torch.device,
+                  progress: ProgressCallback | None, cancel):
+    """Yield ``(positions, batch)`` of tiles cut from ``x`` on ``device``; report progress after
+    each batch is consumed and raise :class:`Cancelled` between batches when asked to."""
+    th, tw = tile_shape
+    for start in range(0, len(boxes), batch_size):
+        if _should_stop(cancel):
+            raise Cancelled()
+        chunk = boxes[start : start + batch_size]
+        yield chunk, torch.stack([x[0, :, y : y + th, x0 : x0 + tw] for y, x0 in chunk]).to(device)
+        if progress is not None:
+            progress(min(start + batch_size, len(boxes)), len(boxes))
+
+
 @torch.inference_mode()
 def predict_probabilities(
     model: LoadedModel,
@@ -164,11 +178,7 @@ def predict_probabilities(
     device = model.device
     use_amp = device.type == "cuda"
     flips = [[], [-1], [-2]] if tta else [[]]
-    for start in range(0, len(boxes), batch_size):
-        if _should_stop(cancel):
-            raise Cancelled()
-        chunk = boxes[start : start + batch_size]
-        batch = torch.stack([x[0, :, y : y + th, x0 : x0 + tw] for y, x0 in chunk]).to(device)
+    for chunk, batch in _tile_batches(x, boxes, (th, tw), batch_size, device, progress, cancel):
         probs = 0
         with torch.autocast(device.type, enabled=use_amp):
             for dims in flips:
@@ -179,8 +189,6 @@ def predict_probabilities(
         for (y, x0), p in zip(chunk, probs):
             total[:, y : y + th, x0 : x0 + tw] += p * window
             weight[:, y : y + th, x0 : x0 + tw] += window
-        if progress is not None:
-            progress(min(start + batch_size, len(boxes)), len(boxes))
     return (total / weight)[:, :h, :w].numpy()
 
 
@@ -217,11 +225,7 @@ def predict_instances(
     x, boxes, (th, tw), (h, w) = _tiled_input(model, image, tile_size, overlap)
     foreground = torch.zeros(h, w)
     pieces = []
-    for start in range(0, len(boxes), batch_size):
-        if _should_stop(cancel):
-            raise Cancelled()
-        chunk = boxes[start : start + batch_size]
-        batch = torch.stack([x[0, :, y : y + th, x0 : x0 + tw] for y, x0 in chunk]).to(model.device)
+    for chunk, batch in _tile_batches(x, boxes, (th, tw), batch_size, model.device, progress, cancel):
         with torch.autocast(model.device.type, enabled=model.device.type == "cuda"):
             detections = model.network(batch)
         for (y, x0), found in zip(chunk, detections):
@@ -231,8 +235,6 @@ def predict_instances(
                 region = foreground[y : y + visible.shape[0], x0 : x0 + visible.shape[1]]
                 torch.maximum(region, visible, out=region)
             pieces += pieces_from_tile(masks.numpy(), found["scores"].float().cpu().numpy(), y, x0, (h, w))
-        if progress is not None:
-            progress(min(start + batch_size, len(boxes)), len(boxes))
     labels = stitch_pieces(pieces, (h, w), min_size=min_size)
     foreground = foreground.numpy()
     return labels, np.stack([1.0 - foreground, foreground]).astype(np.float32)
