@@ -41,14 +41,14 @@ DOCS = REPO / "docs"
 RESULTS = DOCS / "model_results.json"
 START, END = "<!-- bench_models:start -->", "<!-- bench_models:end -->"
 WHEN = {
-    "unet-glands": "The default: best gland scores here, fast on a CPU.",
-    "unetpp-glands": "Nested skips and averaged heads; switch to fast mode for quick previews.",
-    "residual-unet-glands": "Recurrent residual blocks: more computation per parameter; try it when U-Net underfits.",
-    "kidney-segnet-glands": "Tiny file and FLOPs (GPU or embedded use); slow on a CPU, weak on glands.",
-    "micronet-glands": "Multi-resolution input and auxiliary heads; cheap inference.",
-    "maskrcnn-glands": "Instances straight from a detector (no watershed); needs far more training than a CPU gives.",
-    "unetpp-nuclei": "Nuclei at 40x (MoNuSeg-style); the better of the two nucleus models here.",
-    "kidney-segnet-nuclei": "Nuclei with the smallest model (0.14 M parameters), what the paper built it for.",
+    "unet-glands": "The default and the best gland model here (it had by far the longest training).",
+    "unetpp-glands": "Most accurate of the short runs among the semantic networks; fast mode for quick previews.",
+    "residual-unet-glands": "Recurrent residual blocks; was still improving fast when stopped: retrain longer before relying on it.",
+    "kidney-segnet-glands": "Smallest file and FLOPs, but slow on a CPU and weak on glands: for comparison, or retrain on a GPU.",
+    "micronet-glands": "Multi-resolution input, auxiliary heads; under-trained here (curve still rising).",
+    "maskrcnn-glands": "Second-best on glands: instances from a detector, no watershed; try it where touching glands merge.",
+    "unetpp-nuclei": "Nuclei at 40x (MoNuSeg-style); the better nucleus model, also on TNBC.",
+    "kidney-segnet-nuclei": "Nuclei with the smallest model (0.14 M parameters, 0.4 MB), what the paper built it for.",
 }
 
 
