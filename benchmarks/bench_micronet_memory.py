@@ -124,9 +124,10 @@ def table(args: argparse.Namespace, rows: list[tuple[str, dict]]) -> str:
 
 
 def write_section(text: str, path: Path = DOCS) -> None:
-    """Replace (or append) this benchmark's ``##`` section, leaving other sections alone."""
+    """Replace (or append) the ``##`` section that ``text`` starts with, leaving other sections alone."""
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    heading = text.splitlines()[0]
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(old):
         new = pattern.sub(lambda _: text + "\n", old, count=1)
     else:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_micronet_memory import write_section
+from bench_micronet_memory import wrap, write_section
 from glas_seg.backend.data import dataset_split, load_sample
 from glas_seg.backend.inference import segment
 from glas_seg.backend.metrics import match_stack, object_scores
@@ -70,7 +70,7 @@ def main() -> None:
     for label, r in rows:
         lines.append(f"| {label} | {r['objects']} | {r['object_f1']:.3f} | {r['object_dice']:.3f} | "
                      f"{r['object_hausdorff']:.1f} | {r['cpu_s']:.2f} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(wrap(line) for line in lines) + "\n"
     print(text)
     if args.write_docs:
         write_section(text)
