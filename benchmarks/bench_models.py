@@ -42,10 +42,10 @@ RESULTS = DOCS / "model_results.json"
 START, END = "<!-- bench_models:start -->", "<!-- bench_models:end -->"
 WHEN = {
     "unet-glands": "The default and the best gland model here (it had by far the longest training).",
-    "unetpp-glands": "Most accurate of the short runs among the semantic networks; fast mode for quick previews.",
-    "residual-unet-glands": "Recurrent residual blocks; was still improving fast when stopped: retrain longer before relying on it.",
+    "unetpp-glands": "Deep supervision: accurate mode averages the heads, fast mode (one pruned head) for quick previews.",
+    "residual-unet-glands": "Most accurate semantic network of the short runs; still improving when stopped: worth a longer run.",
     "kidney-segnet-glands": "Smallest file and FLOPs, but slow on a CPU and weak on glands: for comparison, or retrain on a GPU.",
-    "micronet-glands": "Multi-resolution input, auxiliary heads; under-trained here (curve still rising).",
+    "micronet-glands": "Multi-resolution input, auxiliary heads; trained on 192 px crops, not the paper's 508: under-trained here.",
     "maskrcnn-glands": "Second-best on glands: instances from a detector, no watershed; try it where touching glands merge.",
     "unetpp-nuclei": "Nuclei at 40x (MoNuSeg-style); the better nucleus model, also on TNBC.",
     "kidney-segnet-nuclei": "Nuclei with the smallest model (0.14 M parameters, 0.4 MB), what the paper built it for.",
