@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from .image_io import to_float_rgb
 from .postprocess import instances_from_probabilities, resize_labels
 from .registry import LoadedModel
-from .stitching import pieces_from_tile, stitch_pieces
+from .stitching import pieces_from_tile, stitch_pieces, tile_cores
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -224,6 +224,7 @@ def predict_instances(
                          "(they detect instances directly); turn it off")
     x, boxes, (th, tw), (h, w) = _tiled_input(model, image, tile_size, overlap)
     foreground = torch.zeros(h, w)
+    cores = tile_cores(boxes, (th, tw))
     pieces = []
     for chunk, batch in _tile_batches(x, boxes, (th, tw), batch_size, model.device, progress, cancel):
         with torch.autocast(model.device.type, enabled=model.device.type == "cuda"):
@@ -234,7 +235,8 @@ def predict_instances(
                 visible = masks[:, : h - y, : w - x0].amax(0)
                 region = foreground[y : y + visible.shape[0], x0 : x0 + visible.shape[1]]
                 torch.maximum(region, visible, out=region)
-            pieces += pieces_from_tile(masks.numpy(), found["scores"].float().cpu().numpy(), y, x0, (h, w))
+            pieces += pieces_from_tile(masks.numpy(), found["scores"].float().cpu().numpy(), y, x0, (h, w),
+                                       core=cores[y, x0])
     labels = stitch_pieces(pieces, (h, w), min_size=min_size)
     foreground = foreground.numpy()
     return labels, np.stack([1.0 - foreground, foreground]).astype(np.float32)

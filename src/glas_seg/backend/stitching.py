@@ -6,6 +6,11 @@ than once. Whole objects are placed first (highest score first); a later piece t
 good part of an object already placed is the same object seen again (or the rest of an object
 cut by a tile edge) and is merged into it, anything else becomes a new object. Objects never
 overwrite each other's pixels.
+
+Each tile also *owns* the part of the image nearer its centre than any other tile's (its core):
+a whole object whose box centre lies outside the core is left to the tile that owns that spot,
+which sees it with more context around it. On the GlaS validation images this removed a fifth
+of the extra objects that small tiles produce (docs/benchmarks.md, *Mask R-CNN tile stitching*).
 """
 
 from __future__ import annotations
@@ -39,9 +44,34 @@ class Piece:
     cut: bool
 
 
+def tile_cores(boxes: list[tuple[int, int]], tile_shape: tuple[int, int]) -> dict:
+    """The part of the image each tile owns: the points nearer its centre than any other tile's.
+
+    Parameters
+    ----------
+    boxes : list of (top, left)
+        Tile positions on a grid (every combination of the tops and lefts that occur).
+    tile_shape : (th, tw)
+
+    Returns
+    -------
+    dict mapping (top, left) to its core ``(y0, y1, x0, x1)``, half-open, in image coordinates
+    (unbounded on the image's outer sides).
+    """
+
+    def axis(starts: list[int], size: int) -> dict[int, tuple[float, float]]:
+        centres = [s + size / 2 for s in starts]
+        bounds = [-np.inf] + [(a + b) / 2 for a, b in zip(centres, centres[1:])] + [np.inf]
+        return {s: (bounds[i], bounds[i + 1]) for i, s in enumerate(starts)}
+
+    rows = axis(sorted({top for top, _ in boxes}), tile_shape[0])
+    cols = axis(sorted({left for _, left in boxes}), tile_shape[1])
+    return {(top, left): (*rows[top], *cols[left]) for top, left in boxes}
+
+
 def pieces_from_tile(
     masks: np.ndarray, scores: np.ndarray, top: int, left: int, image_shape: tuple[int, int],
-    mask_threshold: float = 0.5,
+    mask_threshold: float = 0.5, core: tuple[float, float, float, float] | None = None,
 ) -> list[Piece]:
     """Turn one tile's detections into :class:`Piece` objects in image coordinates.
 
@@ -54,6 +84,9 @@ def pieces_from_tile(
         Tile position in the image.
     image_shape : (H, W)
         Image size; tile edges on the image border do not cut objects.
+    core : (y0, y1, x0, x1), optional
+        The part of the image this tile owns (:func:`tile_cores`); whole objects centred
+        outside it are dropped. Cut objects are always kept: no tile sees them whole.
     """
     height, width = image_shape
     pieces = []
@@ -66,6 +99,10 @@ def pieces_from_tile(
         th, tw = probabilities.shape
         cut = bool((r0 == 0 and top > 0) or (c0 == 0 and left > 0)
                    or (r1 == th and top + th < height) or (c1 == tw and left + tw < width))
+        if core is not None and not cut:
+            centre_y, centre_x = top + (r0 + r1) / 2, left + (c0 + c1) / 2
+            if not (core[0] <= centre_y < core[1] and core[2] <= centre_x < core[3]):
+                continue
         pieces.append(Piece(float(score), top + int(r0), left + int(c0), binary[r0:r1, c0:c1], cut))
     return pieces
 
