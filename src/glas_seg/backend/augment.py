@@ -113,3 +113,41 @@ class Augmenter:
         img_t = v2.functional.center_crop(img_t, [size, size])
         lab_t = v2.functional.center_crop(lab_t, [size, size])
         return img_t.permute(1, 2, 0).numpy().astype(np.float32), lab_t.numpy().astype(np.int32)
+
+
+def glass_edge(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Replace the part of a crop beyond a random tissue edge with blank glass.
+
+    GlaS images are cut from inside tissue, but slides and biopsies have edges next to empty
+    glass, which a model never shown glass takes for gland lumen. Half the edges are straight
+    and axis-aligned (an image placed on a canvas), the others oblique and gently wavy (a tissue
+    border); the glass is flat grey to white with a faint tint and noise.
+
+    Parameters
+    ----------
+    image : ndarray of float32, shape ``(H, W, 3)`` in ``[0, 1]``
+
+    Returns
+    -------
+    image : ndarray of float32, shape ``(H, W, 3)``
+    glass : ndarray of bool, shape ``(H, W)``, where glass now is (background in the targets)
+    """
+    h, w = image.shape[:2]
+    if rng.random() < 0.5:
+        angle = float(rng.integers(4)) * np.pi / 2
+        wave = 0.0
+    else:
+        angle = float(rng.uniform(0, 2 * np.pi))
+        wave = float(rng.uniform(0, 0.06)) * min(h, w)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    along = (yy - h / 2) * np.cos(angle) - (xx - w / 2) * np.sin(angle)
+    across = (yy - h / 2) * np.sin(angle) + (xx - w / 2) * np.cos(angle)
+    period = float(rng.uniform(0.5, 2.0)) * min(h, w)
+    edge = float(rng.uniform(0.05, 0.45)) * min(h, w) + wave * np.sin(2 * np.pi * along / period + rng.uniform(0, 6.3))
+    glass = across > edge
+    level = float(rng.uniform(0.88, 1.0))
+    colour = np.clip(level + rng.normal(0, 0.015, 3), 0, 1).astype(np.float32)
+    noise = rng.normal(0, rng.uniform(0.0, 0.015), (h, w, 1)).astype(np.float32)
+    out = image.copy()
+    out[glass] = np.clip(colour + noise[glass], 0, 1)
+    return out, glass

@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage as ndi
 from skimage.transform import rescale
 
-from .augment import Augmenter
+from .augment import Augmenter, glass_edge
 from .image_io import IMAGE_SUFFIXES, LABEL_SUFFIXES, natural_key, read_image, read_labels, to_float_rgb
 from .targets import contour_targets
 
@@ -191,6 +191,11 @@ class PatchDataset(torch.utils.data.IterableDataset):
     targets : {"contours", "instances"}
         What ``target`` holds: contour classes for semantic networks, or the crop's instance
         ids for networks that predict instances (Mask R-CNN).
+    contour_mode : {"outer", "inner"}
+        Boundary placement of contour targets (:func:`.targets.contour_targets`).
+    glass : float in [0, 1]
+        Probability that a crop gets a tissue edge with blank glass beyond it
+        (:func:`.augment.glass_edge`); glass is known background in the target.
 
     Yields
     ------
@@ -200,12 +205,15 @@ class PatchDataset(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, samples: list[Sample], crop_size: int, mean, std, augment: bool = True, seed: int = 0,
-                 valid_masks: list[np.ndarray] | None = None, targets: str = "contours") -> None:
+                 valid_masks: list[np.ndarray] | None = None, targets: str = "contours",
+                 contour_mode: str = "outer", glass: float = 0.0) -> None:
         if not samples:
             raise ValueError("No training samples")
         if targets not in ("contours", "instances"):
             raise ValueError(f"targets must be 'contours' or 'instances', not {targets!r}")
         self.targets = targets
+        self.contour_mode = contour_mode
+        self.glass = glass
         self.samples = samples
         self.valid_masks = valid_masks
         self.augmenter = Augmenter(crop_size, strength=1.0 if augment else 0.0, seed=seed)
@@ -222,9 +230,12 @@ class PatchDataset(torch.utils.data.IterableDataset):
             known = self.valid_masks[i] if self.valid_masks is not None else True
             shifted = np.where(known, sample.labels.astype(np.int64) + 1, 0)
             image, shifted = self.augmenter(sample.image, shifted)
+            if self.glass > 0 and self.rng.random() < self.glass:
+                image, on_glass = glass_edge(image, self.rng)
+                shifted = np.where(on_glass, 1, shifted)  # known background
             ignore = shifted == 0
             instances = np.maximum(shifted - 1, 0)
-            target = (instances if self.targets == "instances" else contour_targets(instances)).astype(np.int64)
+            target = (instances if self.targets == "instances" else contour_targets(instances, self.contour_mode)).astype(np.int64)
             target[ignore] = -1
             image_t = (torch.from_numpy(image).permute(2, 0, 1) - self.mean) / self.std
             yield image_t, torch.from_numpy(target)

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from .image_io import to_float_rgb
 from .postprocess import instances_from_probabilities, resize_labels
+from .models import get_architecture
 from .registry import LoadedModel
 from .stitching import pieces_from_tile, stitch_pieces, tile_cores
 
@@ -65,9 +66,10 @@ def blend_window(height: int, width: int) -> torch.Tensor:
 def size_multiple(network: torch.nn.Module) -> int:
     """Side lengths a network needs its input to be a multiple of (its total stride).
 
-    Architectures declare it as a ``size_multiple`` attribute; 16 otherwise.
+    Every architecture's network declares it as a ``size_multiple`` attribute (it may depend on
+    the builder's arguments or, for U-Net++, on the inference mode).
     """
-    return int(getattr(network, "size_multiple", 16))
+    return int(network.size_multiple)
 
 
 def prepare_input(image: np.ndarray, model: LoadedModel) -> torch.Tensor:
@@ -194,7 +196,7 @@ def predict_probabilities(
 
 def predicts_instances(model: LoadedModel) -> bool:
     """Whether the network detects instances itself (Mask R-CNN) rather than classifying pixels."""
-    return bool(getattr(model.network, "predicts_instances", False))
+    return get_architecture(model.config.architecture).predicts_instances
 
 
 @torch.inference_mode()

@@ -23,6 +23,7 @@ from .checkpoint import ModelConfig, atomic_write, load_state, save_model
 from .data import PatchDataset, Sample, rescale_sample
 from .inference import Cancelled, _should_stop, segment
 from .metrics import match_stack, object_scores, pixel_dice
+from .models import get_architecture, pretrained_encoder_state
 from .registry import LoadedModel, build_model, pick_device
 
 
@@ -45,6 +46,8 @@ class TrainSettings:
     seed: int = 0
     device: str = "auto"
     freeze_norm: bool = False  # keep batch-norm statistics fixed (fine-tuning on a few images)
+    glass: float = 0.0  # share of crops given a tissue edge next to blank glass (augment.glass_edge)
+    pretrained: bool = True  # start the encoder from ImageNet weights where the architecture has them
 
 
 @dataclass
@@ -207,6 +210,10 @@ def train(
         state = TrainState(**json.loads(state_file.read_text())["state"])
     elif init_state is not None:
         network.load_state_dict(init_state)
+    elif settings.pretrained:
+        encoder = pretrained_encoder_state(config.architecture)
+        if encoder is not None:
+            network.load_state_dict(encoder, strict=False)
 
     scale = config.scale
     small = [rescale_sample(s, scale) for s in train_samples]
@@ -215,10 +222,11 @@ def train(
         masks = [rescale_sample(Sample("", s.image, m.astype(np.uint8)), scale).labels.astype(bool)
                  for s, m in zip(train_samples, valid_masks)]
     # Networks that predict instances (Mask R-CNN) take instance labels and return their own loss.
-    predicts_instances = getattr(network, "predicts_instances", False)
+    predicts_instances = get_architecture(config.architecture).predicts_instances
     dataset = PatchDataset(small, settings.crop_size, config.mean, config.std, settings.augment,
                            seed=settings.seed + state.iteration, valid_masks=masks,
-                           targets="instances" if predicts_instances else "contours")
+                           targets="instances" if predicts_instances else "contours",
+                           contour_mode=config.targets, glass=settings.glass)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=0))
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

@@ -40,7 +40,7 @@ from .unet import DoubleConv
 
 __all__ = ["UNetPlusPlus", "unet_plus_plus", "MODES"]
 
-MODES = ("accurate", "fast")
+MODES = ("accurate", "fast")  # keep in step with the registry entry in models/__init__.py
 
 
 def _upsample(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
