@@ -14,7 +14,7 @@ from ._background import TaskPanel
 from .backend import model_store
 from .backend.inference import segment
 from .backend.models import INFERENCE_MODES, INSTANCE_ARCHITECTURES
-from .backend.registry import DEFAULT_MODEL, list_models, load_model
+from .backend.registry import DEFAULT_MODEL, list_models, load_model, model_summary
 from .backend.stacks import all_planes, fingerprint, leading_shape
 
 if TYPE_CHECKING:
@@ -136,6 +136,7 @@ class SegmentWidget(Container):
     def _apply_model_defaults(self, _value=None) -> None:
         for entry in list_models():
             if entry.name == self.model.value:
+                self.model.tooltip = model_summary(entry)  # names its val. object F1 (pooled), as the CLI and docs
                 self.tile_size.value = entry.config.tile_size
                 self.min_size.value = entry.config.min_size
                 modes = INFERENCE_MODES.get(entry.config.architecture)

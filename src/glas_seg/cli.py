@@ -162,22 +162,23 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .backend import model_store
-    from .backend.registry import list_models, user_model_dir
+    from .backend.registry import format_validation_score, list_models, user_model_dir
 
     action = getattr(args, "action", None) or "list"
     if action == "list":
-        entries = [model_store.describe(entry) for entry in list_models()]
+        models = list_models()
+        entries = [model_store.describe(entry) for entry in models]
         if args.json or getattr(args, "list_json", False):
             print(json.dumps(entries, indent=1))
         elif not entries:
             print(f"no models (user models are kept in {user_model_dir()})")
         else:
             width = max(len(e["name"]) for e in entries)
-            for e in entries:
+            for e, entry in zip(entries, models):
                 base = f", from {e['base_model']}" if e["base_model"] else ""
-                f1 = (e.get("validation") or {}).get("object_f1")
-                score = f", val. object F1 {f1:.3f}" if isinstance(f1, (int, float)) else ""
-                print(f"{e['name']:<{width}}  {e['source']:<7}  {e['task']:<6}  {e['architecture']}{base}{score}")
+                score = format_validation_score(entry.config)  # the number docs/models.md lists
+                print(f"{e['name']:<{width}}  {e['source']:<7}  {e['task']:<6}  {e['architecture']}{base}"
+                      f"{', ' + score if score else ''}")
     elif action == "export":
         print(f"exported to {model_store.export_model(args.name, args.destination, overwrite=args.overwrite)}")
     elif action == "import":

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-from safetensors import safe_open
+from typing import TYPE_CHECKING
+
+from safetensors import SafetensorError, safe_open
+
+if TYPE_CHECKING:  # torch is imported by the functions that handle weights, so that reading a
+    import torch   # model's configuration (listing models, --help) never imports it
 
 METADATA_KEY = "glas_seg"
 FORMAT_VERSION = 1
@@ -103,6 +105,8 @@ def save_model(path: str | Path, model: torch.nn.Module, config: ModelConfig, ha
     half : bool
         Store floating-point weights as float16 (halves the file; loaded back as float32).
     """
+    from safetensors.torch import save_file
+
     tensors = {}
     for key, value in model.state_dict().items():
         value = value.detach().cpu().contiguous()
@@ -118,7 +122,8 @@ def read_config(path: str | Path) -> ModelConfig:
     """Read only the configuration of a model file (fast: the header, not the weights)."""
     path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        # framework="numpy": "pt" would import torch just to read the header.
+        with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise ValueError(f"{path.name} is not a readable glas-seg model file ({exc})") from exc
@@ -132,6 +137,8 @@ def read_config(path: str | Path) -> ModelConfig:
 
 def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Read weights (as float32) and configuration of a model file."""
+    from safetensors.torch import load_file
+
     config = read_config(path)
     try:
         state = load_file(str(path))

@@ -19,11 +19,12 @@ import shutil
 import threading
 import weakref
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # torch is imported where weights are handled: listing models must not import it
+    import torch
 
 from .checkpoint import METADATA_KEY, ModelConfig, atomic_write, config_replace, load_state, read_config
 from .registry import BUNDLED_DIR, ModelEntry, build_model, list_models, user_model_dir
@@ -152,6 +153,13 @@ def _os_error_from(exc: SafetensorError) -> OSError:
     return OSError(code, os.strerror(code))
 
 
+def save_file(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
+    """:func:`safetensors.torch.save_file`, imported when first used (it imports torch)."""
+    from safetensors.torch import save_file as _save_file
+
+    _save_file(tensors, path, metadata=metadata)
+
+
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], config: ModelConfig) -> None:
     try:
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={METADATA_KEY: config.to_json()}))
@@ -258,6 +266,8 @@ def validate_model_file(path: str | Path) -> ModelConfig:
         raise ModelStoreError(f"Refused {path.name}: unknown task {config.task!r} (expected one of {', '.join(TASKS)})")
     if not isinstance(config.arch_kwargs, dict) or len(config.class_names) < 2 or not 0 < float(config.scale) <= 4:
         raise ModelStoreError(f"Refused {path.name}: its configuration is not valid")
+    import torch
+
     try:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
