@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 from safetensors import SafetensorError, safe_open
 
+from .errors import GlasSegError
+
 if TYPE_CHECKING:  # torch is imported by the functions that handle weights, so that reading a
     import torch   # model's configuration (listing models, --help) never imports it
 
@@ -126,25 +128,30 @@ def read_config(path: str | Path) -> ModelConfig:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{path.name} is not a readable glas-seg model file ({exc})") from exc
+        raise GlasSegError(f"{path.name} is not a readable glas-seg model file ({exc})") from exc
     if METADATA_KEY not in metadata:
-        raise ValueError(f"{path.name} is a safetensors file but not a glas-seg model (no configuration)")
-    try:
-        return ModelConfig.from_json(metadata[METADATA_KEY])
-    except (json.JSONDecodeError, TypeError) as exc:
-        raise ValueError(f"{path.name} has a damaged configuration ({exc})") from exc
+        raise GlasSegError(f"{path.name} is a safetensors file but not a glas-seg model (no configuration)")
+    from .model_schema import config_from_header  # checks every field (it imports this module)
+
+    return config_from_header(metadata[METADATA_KEY], path.name)
 
 
 def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     """Read weights (as float32) and configuration of a model file."""
     from safetensors.torch import load_file
 
+    from .model_schema import check_weights
+
     config = read_config(path)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise ValueError(f"{Path(path).name} is damaged ({exc})") from exc
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, config
+        raise GlasSegError(f"{Path(path).name} is damaged ({exc})") from exc
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    # Names, shapes, dtypes and finite values against the architecture: a file edited or damaged
+    # after import must fail here with a message, not segment garbage or crash in a convolution.
+    check_weights(Path(path).name, config, state)
+    return state, config
 
 
 def config_replace(config: ModelConfig, **changes: Any) -> ModelConfig:

@@ -27,14 +27,15 @@ if TYPE_CHECKING:  # torch is imported where weights are handled: listing models
     import torch
 
 from .checkpoint import METADATA_KEY, ModelConfig, atomic_write, config_replace, load_state, read_config
-from .registry import BUNDLED_DIR, ModelEntry, build_model, list_models, user_model_dir
+from .errors import GlasSegError
+from .model_schema import TASKS, expected_weights, stored_weights, weight_faults
+from .registry import BUNDLED_DIR, ModelEntry, list_models, user_model_dir
 
 SUFFIX = ".safetensors"
-TASKS = ("glands", "nuclei")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 
-class ModelStoreError(ValueError):
+class ModelStoreError(GlasSegError):
     """A store operation that cannot be done; the message says why and what to do."""
 
 
@@ -123,10 +124,40 @@ def check_new_name(name: str, overwrite: bool = False) -> str:
     return name
 
 
+def damage(path: Path) -> str | None:
+    """Why the model file ``path`` cannot be used, from its header alone; None when it looks fine."""
+    try:
+        read_config(path)
+    except GlasSegError as exc:
+        return str(exc)
+    return None
+
+
+def damaged_models() -> list[dict]:
+    """User model files that cannot be read, as :func:`describe` rows with ``damaged`` set to the reason.
+
+    They are listed rather than hidden so that the user learns about them and can remove them
+    with :func:`delete_model`; the other models are unaffected.
+    """
+    folder = user_model_dir()
+    rows = []
+    for path in sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []:
+        reason = damage(path)
+        if reason is not None:
+            rows.append({"name": path.stem, "architecture": None, "source": "user", "task": None,
+                         "base_model": None, "description": "", "created": None, "iterations": None,
+                         "validation": None, "path": str(path), "damaged": reason})
+    return rows
+
+
 def _user_entry(name: str) -> ModelEntry:
     for entry in user_models():
         if entry.name == name:
             return entry
+    path = user_model_dir() / f"{name}{SUFFIX}"
+    reason = damage(path) if _NAME.match(name) and path.is_file() else None
+    if reason is not None:
+        raise ModelStoreError(f"User model {name!r} is damaged and can only be deleted: {reason}")
     if (BUNDLED_DIR / f"{name}{SUFFIX}").exists():
         raise ModelStoreError(f"{name!r} is a bundled model; only user models can be changed")
     names = ", ".join(e.name for e in user_models()) or "none"
@@ -198,14 +229,19 @@ def rename_model(old: str, new: str) -> ModelEntry:
 
 
 def delete_model(name: str) -> Path:
-    """Delete a user model; bundled models cannot be deleted. Returns the removed path."""
-    entry = _user_entry(name)
+    """Delete a user model, damaged ones included; bundled models cannot be deleted.
+
+    Returns the removed path.
+    """
+    path = model_path(name)  # a valid name: never a path outside the store
+    if not path.is_file():
+        _user_entry(name)  # raises the reason: a bundled model or no such model
     try:
-        entry.path.unlink()
+        path.unlink()
     except OSError as exc:
-        raise ModelStoreError(f"Could not delete {entry.path}: {exc.strerror or exc}") from exc
-    _notify("deleted", name)
-    return entry.path
+        raise ModelStoreError(f"Could not delete {path}: {exc.strerror or exc}") from exc
+    _notify("deleted", path.stem)
+    return path
 
 
 def export_model(name: str, destination: str | Path, overwrite: bool = False) -> Path:
@@ -240,10 +276,11 @@ def _as_stored(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 def validate_model_file(path: str | Path) -> ModelConfig:
     """Check that a file is a complete, usable glas-seg model without running any code.
 
-    The header is read first (no weights); the architecture it names is built on PyTorch's
-    ``meta`` device (no memory) and every tensor name and shape is compared with it, so a
-    file that claims a huge network is refused before anything is allocated. Then the weights
-    are loaded and must be finite.
+    The header is read first (no weights) and every configuration field checked
+    (:mod:`.model_schema`: types, lengths, ranges, consistency with the architecture); the
+    architecture is built on PyTorch's ``meta`` device (no memory) and every tensor name, shape
+    and dtype is compared with it, so a file that claims a huge network is refused before
+    anything is allocated. Then the weights are loaded and must be finite.
 
     Returns
     -------
@@ -252,42 +289,30 @@ def validate_model_file(path: str | Path) -> ModelConfig:
     Raises
     ------
     ModelStoreError
-        With the reason: not a safetensors file, not a glas-seg model, unknown architecture or
-        task, missing, extra or misshaped weights, non-finite values.
+        With every reason on one line: not a safetensors file, not a glas-seg model, invalid
+        configuration, missing, extra, misshaped or integer weights, non-finite values.
     """
     path = Path(path)
     if not path.is_file():
         raise ModelStoreError(f"No such file: {path}")
     try:
-        config = read_config(path)
-    except ValueError as exc:
+        config = read_config(path)  # every configuration field (see .model_schema)
+        # Names, shapes and dtypes from the header before any weight is read, against the network
+        # built on the meta device: a file claiming a huge network allocates nothing.
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                stored = stored_weights(f)
+        except (SafetensorError, OSError) as exc:
+            raise GlasSegError(f"{path.name} is damaged ({exc})") from exc
+        faults = weight_faults(expected_weights(config), stored)
+        if faults:
+            raise GlasSegError(f"{path.name}: its weights do not fit architecture {config.architecture!r} "
+                               f"({'; '.join(faults)})")
+        load_state(path)  # the same checks on the tensors themselves, and finite values
+    except ModelStoreError:
+        raise
+    except GlasSegError as exc:
         raise ModelStoreError(f"Refused: {exc}") from exc
-    if config.task not in TASKS:
-        raise ModelStoreError(f"Refused {path.name}: unknown task {config.task!r} (expected one of {', '.join(TASKS)})")
-    if not isinstance(config.arch_kwargs, dict) or len(config.class_names) < 2 or not 0 < float(config.scale) <= 4:
-        raise ModelStoreError(f"Refused {path.name}: its configuration is not valid")
-    import torch
-
-    try:
-        with torch.device("meta"):
-            expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
-    except (ValueError, TypeError) as exc:
-        raise ModelStoreError(f"Refused {path.name}: cannot build architecture {config.architecture!r} ({exc})") from exc
-    with safe_open(str(path), framework="pt") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(stored) if expected[k] != stored[k])
-    if missing or extra or wrong:
-        detail = "; ".join(f"{label}: {', '.join(keys[:3])}{'...' if len(keys) > 3 else ''}"
-                           for label, keys in (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if keys)
-        raise ModelStoreError(f"Refused {path.name}: its weights do not fit architecture {config.architecture!r} ({detail})")
-    try:
-        state, _ = load_state(path)
-    except ValueError as exc:
-        raise ModelStoreError(f"Refused: {exc}") from exc
-    for key, value in state.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise ModelStoreError(f"Refused {path.name}: weight {key} holds NaN or infinite values")
     return config
 
 
@@ -327,6 +352,7 @@ def describe(entry: ModelEntry) -> dict:
         "iterations": training.get("iterations"),
         "validation": training.get("validation"),
         "path": str(entry.path),
+        "damaged": None,
     }
 
 
@@ -339,5 +365,5 @@ def is_float16_file(path: str | Path) -> bool:
 __all__ = [
     "ModelStoreError", "subscribe", "user_models", "model_path", "check_name", "check_new_name",
     "save_user_model", "rename_model", "delete_model", "export_model", "validate_model_file",
-    "import_model", "describe", "is_float16_file",
+    "import_model", "describe", "is_float16_file", "damage", "damaged_models",
 ]
