@@ -46,7 +46,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise ValueError(f"--tta does not apply to {model.config.architecture} models (they detect instances directly)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    failures = 0
+    failures = written = 0
     with _progress_bar(len(args.images), "segment", "image") as bar:
         for path in map(Path, args.images):
             try:
@@ -59,8 +59,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
             else:
                 target = out / f"{path.stem}_labels.tif"
                 tifffile.imwrite(target, result.labels, compression="zlib")
+                written += 1
                 bar.set_postfix_str(f"{path.name}: {int(result.labels.max())} objects")
             bar.update()
+    # One line per run, so that the user knows where to look (the bar only shows progress).
+    print(f"wrote {written} label map(s) (<image stem>_labels.tif) to {out.resolve()}"
+          + (f"; {failures} image(s) skipped" if failures else ""), file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -93,12 +97,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     best = Path(args.out) / "best.safetensors"
     if args.export:
         from .backend.checkpoint import load_state
-        from .backend.registry import build_model
+        from .backend.registry import build_network
 
         weights, best_config = load_state(best)
-        network = build_model(best_config)
-        network.load_state_dict(weights)
-        save_model(args.export, network, best_config, half=True)
+        save_model(args.export, build_network(best_config, weights, best.name), best_config, half=True)
         print(f"exported best model to {args.export}", file=sys.stderr)
     print(f"best validation object F1 {state.best_object_f1:.3f}; run folder {args.out}", file=sys.stderr)
     return 0
@@ -192,6 +194,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Defaults come from the backend (no torch import): one place each, shared with the API.
+    from .backend.registry import DEFAULT_MODEL
+    from .backend.settings import DEFAULT_OVERLAP, FinetuneSettings
+
+    ft_defaults = FinetuneSettings()
     parser = argparse.ArgumentParser(
         prog="glas-seg", description="Gland and nucleus instance segmentation for H&E images.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -202,10 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Write <image stem>_labels.tif (uint32/int32 instance ids, same height and width) per image.")
     seg.add_argument("images", nargs="+", help="PNG, BMP, JPEG or TIFF images")
     seg.add_argument("--out", required=True, help="output folder (created if missing)")
-    seg.add_argument("--model", default="unet-glands", help="model name (see `glas-seg models`) or .safetensors path")
+    seg.add_argument("--model", default=DEFAULT_MODEL,
+                     help=f"model name (see `glas-seg models`) or .safetensors path (default: {DEFAULT_MODEL})")
     seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
     seg.add_argument("--tile-size", type=int, default=None, help="tile side in network pixels")
-    seg.add_argument("--overlap", type=float, default=0.25, help="tile overlap fraction")
+    seg.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, help="tile overlap fraction (default: %(default)s)")
     seg.add_argument("--min-size", type=int, default=None, help="smallest object kept, in image pixels")
     seg.add_argument("--tta", action="store_true", help="average over flips (slower, slightly better)")
     seg.add_argument("--mode", default=None, choices=["accurate", "fast"],
@@ -247,24 +255,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help='write {"pooled", "mean_per_image", "images"} to this JSON file')
     ev.set_defaults(func=cmd_evaluate)
     ft = sub.add_parser("finetune", help="fine-tune a model on corrected labels; adds a user model",
-                        description="Fine-tune MODEL on images and corrected label maps paired by file name "
-                                    "(IMAGES_DIR/X.png + LABELS_DIR/X.tif, or GlaS-style X.bmp + X_anno.bmp in one folder).")
-    ft.add_argument("images_dir", metavar="IMAGES_DIR")
+                        description="Fine-tune the --base model on images and corrected label maps paired by file "
+                                    "name (IMAGES_DIR/X.png + LABELS_DIR/X.tif, or GlaS-style X.bmp + X_anno.bmp in "
+                                    "one folder) and save the result as the user model --name (see `glas-seg models`).")
+    ft.add_argument("images_dir", metavar="IMAGES_DIR",
+                    help="folder of images (PNG, BMP, JPEG, TIFF); with no LABELS_DIR it also holds the label maps, "
+                         "named X_anno, X_label(s), X_mask or X_gt")
     ft.add_argument("labels_dir", metavar="LABELS_DIR", nargs="?", default=None,
                     help="folder of label maps (default: IMAGES_DIR, GlaS-style X_anno files)")
-    ft.add_argument("--base", default="unet-glands", help="model to start from (name or .safetensors path)")
+    ft.add_argument("--base", default=DEFAULT_MODEL, help="model to start from (name or .safetensors path; default: %(default)s)")
     ft.add_argument("--name", required=True, help="name of the new user model")
-    ft.add_argument("--iterations", type=int, default=200)
-    ft.add_argument("--lr", type=float, default=3e-4, help="learning rate")
-    ft.add_argument("--batch-size", type=int, default=4)
-    ft.add_argument("--crop-size", type=int, default=192, help="crop side at the model's working scale")
+    ft.add_argument("--iterations", type=int, default=ft_defaults.iterations,
+                    help="optimizer steps, each on --batch-size random crops (default: %(default)s; a few minutes on a CPU)")
+    ft.add_argument("--lr", type=float, default=ft_defaults.learning_rate, help="peak learning rate (default: %(default)s)")
+    ft.add_argument("--batch-size", type=int, default=ft_defaults.batch_size, help="crops per step (default: %(default)s)")
+    ft.add_argument("--crop-size", type=int, default=ft_defaults.crop_size,
+                    help="crop side at the model's working scale (default: %(default)s)")
     ft.add_argument("--no-augment", action="store_true", help="train on plain crops")
     ft.add_argument("--update-norm-stats", action="store_true",
                     help="let batch-norm statistics follow the new images (default: keep the base model's)")
-    ft.add_argument("--val-fraction", type=float, default=0.0, help="share of the pairs held out for validation")
-    ft.add_argument("--eval-every", type=int, default=50)
-    ft.add_argument("--seed", type=int, default=0)
-    ft.add_argument("--device", default="auto")
+    ft.add_argument("--val-fraction", type=float, default=ft_defaults.val_fraction,
+                    help="share of the pairs held out for validation (default: %(default)s: train on all, no scores)")
+    ft.add_argument("--eval-every", type=int, default=ft_defaults.eval_every,
+                    help="with --val-fraction > 0: score the held-out pairs (object F1) every this many iterations "
+                         "and at the end (default: %(default)s)")
+    ft.add_argument("--seed", type=int, default=ft_defaults.seed)
+    ft.add_argument("--device", default=ft_defaults.device, help="auto, cpu, cuda, cuda:1 or mps")
     ft.add_argument("--overwrite", action="store_true", help="replace a user model of the same name")
     ft.set_defaults(func=cmd_finetune)
 

@@ -25,62 +25,11 @@ from . import model_store
 from .checkpoint import config_replace, load_state
 from .data import Sample, find_pairs, load_sample
 from .image_io import to_float_rgb
-from .inference import Cancelled, _should_stop
+from .progress import Cancelled, is_cancelled as _should_stop
 from .registry import LoadedModel, ModelEntry, build_model, find_model, pick_device
+from .settings import FinetuneSettings  # noqa: F401 (defined without torch, for the CLI and API)
 from .stacks import all_planes, leading_shape
 from .training import TrainSettings, evaluate, train
-
-
-@dataclass
-class FinetuneSettings:
-    """Hyper-parameters of a fine-tuning run; the defaults suit a laptop CPU.
-
-    Attributes
-    ----------
-    iterations : int
-        Optimizer steps.
-    learning_rate : float
-        Peak learning rate (AdamW), after a short warm-up, decayed with a cosine schedule.
-    batch_size, crop_size : int
-        Crops per step and their side, in pixels at the model's working scale.
-    augment : bool
-        Random flips, rotations, elastic, colour and stain jitter of the crops.
-    val_fraction : float in [0, 0.9]
-        Share of the images held out to validate (0: train on all, report no metrics).
-        At least one image is always kept for training.
-    eval_every : int
-        Validate every this many iterations (and at the end).
-    freeze_norm : bool
-        Keep the base model's batch-norm statistics (running mean and variance). Batches of a
-        few crops from a few images would otherwise replace them, and the model would forget
-        its original domain (see docs/finetuning.md for the measured difference).
-    seed : int
-    device : str
-        ``"auto"``, ``"cpu"``, ``"cuda"``... (see :func:`.registry.pick_device`).
-    """
-
-    iterations: int = 200
-    learning_rate: float = 3e-4
-    batch_size: int = 4
-    crop_size: int = 192
-    augment: bool = True
-    val_fraction: float = 0.0
-    eval_every: int = 50
-    freeze_norm: bool = True
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.iterations < 1:
-            raise ValueError("iterations must be at least 1")
-        if not 0 < self.learning_rate < 1:
-            raise ValueError("learning rate must be between 0 and 1")
-        if self.batch_size < 1 or self.crop_size < 32:
-            raise ValueError("batch size must be at least 1 and crop size at least 32")
-        if not 0 <= self.val_fraction <= 0.9:
-            raise ValueError("validation share must be between 0 and 0.9")
-        if self.eval_every < 1:
-            raise ValueError("eval_every must be at least 1")
 
 
 @dataclass

@@ -16,11 +16,9 @@ from .models import get_architecture
 from .registry import LoadedModel
 from .stitching import pieces_from_tile, stitch_pieces, tile_cores
 
-ProgressCallback = Callable[[int, int], None]
-
-
-class Cancelled(Exception):
-    """Raised inside a run when the user cancels it; nothing it was computing is kept."""
+# The one progress / cancel contract (docs/progress.md); re-exported here for older imports.
+from .progress import Cancelled, ProgressCallback  # noqa: E402,F401
+from .progress import is_cancelled as _should_stop  # noqa: E402
 
 
 @dataclass
@@ -115,14 +113,6 @@ def _tiled_input(model: LoadedModel, image: np.ndarray, tile_size: int | None, o
     stride_h, stride_w = max(1, int(th * (1 - overlap))), max(1, int(tw * (1 - overlap)))
     boxes = [(y, x0) for y in tile_starts(H, th, stride_h) for x0 in tile_starts(W, tw, stride_w)]
     return x, boxes, (th, tw), (h, w)
-
-
-def _should_stop(cancel) -> bool:
-    if cancel is None:
-        return False
-    if isinstance(cancel, threading.Event):
-        return cancel.is_set()
-    return bool(cancel())
 
 
 def _tile_batches(x: torch.Tensor, boxes, tile_shape, batch_size: int, device: torch.device,

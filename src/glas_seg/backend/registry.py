@@ -48,6 +48,11 @@ class ModelEntry:
     source: str
     config: ModelConfig
 
+    @property
+    def validation_score(self) -> float | None:
+        """Validation object F1 pooled over the model's validation images (:func:`validation_score`)."""
+        return validation_score(self.config)
+
 
 def list_models() -> list[ModelEntry]:
     """Bundled models first, then user models, each sorted by name.
