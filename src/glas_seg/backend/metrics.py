@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from scipy import ndimage, sparse
 
+from .errors import GlasSegError
 from .metrics_distance import hausdorff_distance, side_hausdorff  # noqa: F401 (public here too)
 
 # Dense contingency tables up to this many cells; larger ones (thousands of nuclei) are sparse.
@@ -29,12 +30,16 @@ _DENSE_TABLE_CELLS = 4_000_000
 
 def _check_pair(seg: np.ndarray, gt: np.ndarray) -> None:
     if seg.shape != gt.shape:
-        raise ValueError(f"Segmentation {seg.shape} and ground truth {gt.shape} differ in shape")
+        raise GlasSegError(f"Segmentation {seg.shape} and ground truth {gt.shape} differ in shape")
     for name, labels in (("Segmentation", seg), ("Ground truth", gt)):
         if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
-            raise ValueError(f"{name} must be an integer label map, got dtype {labels.dtype}")
+            raise GlasSegError(f"{name} must be an integer label map, got dtype {labels.dtype}")
         if labels.ndim < 2:
-            raise ValueError(f"{name} must have at least two axes, got shape {labels.shape}")
+            raise GlasSegError(f"{name} must have at least two axes, got shape {labels.shape}")
+        # Every metric refuses negative ids (not only the object metrics, via _compact), so that
+        # pixel Dice never scores a map the others call invalid.
+        if labels.size and labels.dtype.kind == "i" and labels.min() < 0:
+            raise GlasSegError(f"{name} holds negative ids (min {int(labels.min())}); ids must be 0 (background) or more")
 
 
 def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -50,7 +55,7 @@ def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if flat.dtype == bool:
         flat = flat.view(np.uint8)
     if flat.size and flat.min() < 0:
-        raise ValueError("Label maps must not hold negative ids")
+        raise GlasSegError("Label maps must not hold negative ids")
     top = int(flat.max(initial=0))
     if top <= max(flat.size, 1 << 16):  # a lookup table is cheaper than sorting the pixels
         counts = np.bincount(flat.astype(np.intp, copy=False), minlength=1)

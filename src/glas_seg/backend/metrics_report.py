@@ -17,6 +17,7 @@ import numpy as np
 from .image_io import IMAGE_SUFFIXES, LABEL_SUFFIXES, natural_key
 from .metrics import ObjectMatches, match_stack, object_scores
 from .metrics_pixel import PIXEL_KEYS, auc, pixel_counts, pixel_scores, roc_curve
+from .outputs import write_file
 
 OBJECT_KEYS = ("object_f1", "object_dice", "object_hausdorff", "object_precision", "object_recall",
                "tp", "fp", "fn", "n_pred", "n_gt", "count_error")
@@ -192,21 +193,27 @@ def _json_value(value):
 
 
 def write_json(report: Report, path: str | Path) -> None:
+    """``{"pooled", "mean_per_image", "images"}``, written atomically (GlasSegError if it cannot be)."""
     data = report.to_dict()
     clean = {k: ({n: {m: _json_value(v) for m, v in row.items()} for n, row in data[k].items()} if k == "images"
                  else {m: _json_value(v) for m, v in data[k].items()}) for k in data}
-    Path(path).write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
+    text = json.dumps(clean, indent=1, allow_nan=False) + "\n"
+    write_file(path, lambda tmp: Path(tmp).write_text(text), "JSON report")
 
 
 def write_csv(report: Report, path: str | Path) -> None:
     """One row per image, then ``pooled`` and ``mean_per_image``; ``inf`` / ``nan`` as text."""
     rows = [(name, r.row) for name, r in report.images.items()]
     rows += [("pooled", report.pooled), ("mean_per_image", report.mean_per_image)]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(("image",) + COLUMNS)
-        for name, row in rows:
-            writer.writerow([name] + [row.get(k, math.nan) for k in COLUMNS])
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(("image",) + COLUMNS)
+            for name, row in rows:
+                writer.writerow([name] + [row.get(k, math.nan) for k in COLUMNS])
+
+    write_file(path, write, "CSV report")  # atomically: a failed run never leaves half a table
 
 
 def format_table(report: Report) -> str:

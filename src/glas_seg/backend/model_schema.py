@@ -146,7 +146,7 @@ def config_faults(data: Mapping[str, Any]) -> list[str]:
 
 def _raise_faults(source: str, faults: list[str]) -> None:
     if faults:
-        raise GlasSegError(f"{source} has an invalid model configuration: {'; '.join(faults)}")
+        raise GlasSegError(f"{source}: invalid model configuration: {'; '.join(faults)}")
 
 
 def config_from_header(text: str, source: str) -> ModelConfig:
@@ -177,7 +177,7 @@ def config_from_header(text: str, source: str) -> ModelConfig:
     return ModelConfig(**values)
 
 
-def check_config(config: ModelConfig, source: str = "the model") -> ModelConfig:
+def check_config(config: ModelConfig, source: str = "model") -> ModelConfig:
     """Check a configuration made in code (``glas-seg train`` options, the API); returns it.
 
     Raises

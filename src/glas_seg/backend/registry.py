@@ -86,6 +86,13 @@ def find_model(name_or_path: str | Path) -> ModelEntry:
     for entry in entries:
         if entry.name == str(name_or_path):
             return entry
+    damaged = user_model_dir() / f"{name_or_path}.safetensors"
+    if path.name == str(name_or_path) and damaged.is_file():  # listed models skip unreadable files
+        try:
+            read_config(damaged)
+        except GlasSegError as exc:
+            raise GlasSegError(f"User model {str(name_or_path)!r} is damaged ({exc}); "
+                               "delete it (glas-seg models delete) or import it again") from None
     names = ", ".join(e.name for e in entries) or "none"
     raise GlasSegError(f"No model named {str(name_or_path)!r}. Available: {names}")
 
@@ -127,8 +134,26 @@ class LoadedModel:
     device: "torch.device"
 
 
+def available_devices() -> list[str]:
+    """Device names that work on this machine: ``auto``, ``cpu``, then ``cuda``, ``cuda:N`` and ``mps`` where present."""
+    import torch
+
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        names.append("mps")
+    return names
+
+
 def pick_device(device: "str | torch.device | None" = "auto") -> "torch.device":
-    """``"auto"`` picks CUDA, then Apple MPS, then the CPU."""
+    """``"auto"`` picks CUDA, then Apple MPS, then the CPU.
+
+    Raises
+    ------
+    GlasSegError
+        A device name that is not one of :func:`available_devices` (the message lists them).
+    """
     import torch
 
     if device is None or str(device) == "auto":
@@ -137,15 +162,20 @@ def pick_device(device: "str | torch.device | None" = "auto") -> "torch.device":
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
+    here = f"devices on this machine: {', '.join(available_devices())}"
     try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise GlasSegError(f"Unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise GlasSegError("CUDA was requested but no CUDA GPU is available; choose 'cpu' or 'auto'")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise GlasSegError("Apple MPS was requested but is not available; choose 'cpu' or 'auto'")
-    return device
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise GlasSegError(f"Unknown device {str(device)!r}; {here}") from None
+    if parsed.type not in ("cpu", "cuda", "mps"):  # meta, xla...: parse, but cannot run a model
+        raise GlasSegError(f"Unsupported device {str(device)!r}; {here}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise GlasSegError(f"CUDA was requested but no CUDA GPU is available; {here}")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise GlasSegError(f"There is no GPU {str(device)!r}; {here}")
+    if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise GlasSegError(f"Apple MPS was requested but is not available; {here}")
+    return parsed
 
 
 def build_model(config: ModelConfig) -> "torch.nn.Module":

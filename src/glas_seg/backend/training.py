@@ -9,6 +9,7 @@ killed at any moment resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
+import pickle
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,9 @@ from .inference import Cancelled, _should_stop, segment
 from .metrics import match_stack, object_scores, pixel_dice
 from .models import get_architecture, pretrained_encoder_state
 from .registry import LoadedModel, build_model, pick_device
+from .errors import GlasSegError
+from .model_schema import check_config
+from .validate import check_label_ids, check_train_settings
 
 
 @dataclass
@@ -48,6 +52,9 @@ class TrainSettings:
     freeze_norm: bool = False  # keep batch-norm statistics fixed (fine-tuning on a few images)
     glass: float = 0.0  # share of crops given a tissue edge next to blank glass (augment.glass_edge)
     pretrained: bool = True  # start the encoder from ImageNet weights where the architecture has them
+
+    def __post_init__(self) -> None:
+        check_train_settings(self)  # GlasSegError for values that cannot train (iterations 0...)
 
 
 @dataclass
@@ -189,6 +196,9 @@ def train(
         The final model (eval mode).
     state : TrainState
     """
+    check_config(config)  # scale 0, wrong class names...: refused before anything is written
+    for sample in [*train_samples, *val_samples]:
+        check_label_ids(sample.labels, sample.name)  # negative ids would make wrong targets silently
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(settings.device)
@@ -202,12 +212,18 @@ def train(
     state = TrainState()
     state_file = out_dir / "state.json"
     if state_file.exists() and (out_dir / "last.safetensors").exists():
-        weights, _ = load_state(out_dir / "last.safetensors")
-        network.load_state_dict(weights)
-        extra = torch.load(out_dir / "last_optimizer.pt", map_location=device, weights_only=True)
-        optimizer.load_state_dict(extra["optimizer"])
-        scheduler.load_state_dict(extra["scheduler"])
-        state = TrainState(**json.loads(state_file.read_text())["state"])
+        try:
+            weights, _ = load_state(out_dir / "last.safetensors")
+            network.load_state_dict(weights)
+            extra = torch.load(out_dir / "last_optimizer.pt", map_location=device, weights_only=True)
+            optimizer.load_state_dict(extra["optimizer"])
+            scheduler.load_state_dict(extra["scheduler"])
+            state = TrainState(**json.loads(state_file.read_text())["state"])
+        except (pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            # A damaged, foreign or non-weights-only file (never unpickled), or a run of another model.
+            raise GlasSegError(f"The run folder {out_dir} cannot be resumed: its saved state is damaged or from a "
+                               f"different model ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+                               f"start a new run with another --out, or delete {out_dir}") from None
     elif init_state is not None:
         network.load_state_dict(init_state)
     elif settings.pretrained:
