@@ -134,3 +134,22 @@ def test_binary_mask_samples_pairs_sibling_folders(tmp_path):
     assert sample.name == "01/01_1" and sample.labels.max() == 2
     with pytest.raises(ValueError, match="pairs"):
         binary_mask_samples(tmp_path / "GT_01")
+
+
+def test_glass_edges_are_flat_bright_background(touching_squares):
+    from glas_seg.backend.augment import glass_edge
+
+    image = np.random.default_rng(0).uniform(0.2, 0.6, (64, 64, 3)).astype(np.float32)
+    seen_glass = 0
+    for seed in range(8):
+        out, glass = glass_edge(image, np.random.default_rng(seed))
+        assert out.shape == image.shape and glass.shape == image.shape[:2]
+        if glass.any():
+            seen_glass += 1
+            assert out[glass].min() > 0.8 and np.array_equal(out[~glass], image[~glass])
+    assert seen_glass >= 6
+    ds = PatchDataset([Sample("a", image, touching_squares)], 64, (0.5,) * 3, (0.25,) * 3, augment=False,
+                      glass=1.0, contour_mode="inner")
+    for _, (x, y) in zip(range(4), ds):
+        glassy = (x * 0.25 + 0.5).min(0).values > 0.8  # pixels the glass replaced
+        assert glassy.any() and (y[glassy] == 0).all()

@@ -65,3 +65,31 @@ def test_hole_filling_with_huge_sparse_ids():
     assert (filled[14:18, 14:18] == 7).all() and filled[0, 0] == 0
     full = np.full((4, 4), 10**12, np.int64)  # no background at all
     np.testing.assert_array_equal(fill_holes_per_object(full), full)
+
+
+def test_inner_contour_targets_keep_objects_exact_and_separate_touching_ones(touching_squares):
+    from glas_seg.backend.targets import contour_targets as targets_of
+
+    targets = targets_of(touching_squares, mode="inner")
+    # Foreground is exactly the objects: no boundary pixel outside any object.
+    assert np.array_equal(targets > 0, touching_squares > 0)
+    # The shared edge of ids 1 and 2 is boundary on both sides, inside each object.
+    assert (targets[10:20, 24:26] == BOUNDARY).all()
+    assert targets[15, 15] == INTERIOR and targets[4, 15] == 0 and targets[5, 15] == BOUNDARY
+    labels = instances_from_probabilities(probabilities_from_targets(targets), min_size=10)
+    assert labels.max() == 3
+    assert np.array_equal(labels > 0, touching_squares > 0)
+
+
+def test_full_resolution_outlines_follow_the_smooth_foreground():
+    from glas_seg.backend.postprocess import labels_at_full_resolution
+
+    yy, xx = np.mgrid[:200, :200]
+    disc = ((yy - 99.5) ** 2 + (xx - 99.5) ** 2 <= 60**2).astype(np.int32)
+    # What a network sees at scale 0.5: the disc's area fraction per 2x2 block as probability.
+    foreground = disc.reshape(100, 2, 100, 2).mean((1, 3)).astype(np.float32)
+    small = (foreground > 0.5).astype(np.int32)
+    nearest = resize_labels(small, (200, 200))
+    smooth = labels_at_full_resolution(small, foreground, (200, 200))
+    assert set(np.unique(smooth)) == {0, 1}
+    assert (smooth != disc).sum() < (nearest != disc).sum()
