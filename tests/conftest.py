@@ -8,6 +8,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+def pytest_collection_modifyitems(items):
+    """Every test that reads ../shared/data, directly or through another fixture, is ``realdata``:
+    ``-m "not realdata"`` runs the suite without the data sets."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.realdata)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """../shared/data; tests that need it fail (not skip) when it is missing."""

@@ -12,7 +12,9 @@ from scipy import ndimage as ndi
 from skimage.transform import rescale
 
 from .augment import Augmenter, glass_edge
-from .image_io import IMAGE_SUFFIXES, LABEL_SUFFIXES, natural_key, read_image, read_labels, to_float_rgb
+from .image_io import IMAGE_SUFFIXES, natural_key, read_image, read_labels, to_float_rgb
+from .labelmaps import label_files, label_stem
+from .postprocess import resize_labels
 from .targets import contour_targets
 
 
@@ -24,13 +26,6 @@ class Sample:
     name: str
     image: np.ndarray
     labels: np.ndarray
-
-
-def _stem_without_label_suffix(stem: str) -> str | None:
-    for suffix in LABEL_SUFFIXES:
-        if stem.endswith(suffix):
-            return stem[: -len(suffix)]
-    return None
 
 
 def find_pairs(images_dir: str | Path, labels_dir: str | Path | None = None) -> list[tuple[str, Path, Path]]:
@@ -46,22 +41,14 @@ def find_pairs(images_dir: str | Path, labels_dir: str | Path | None = None) -> 
     """
     images_dir = Path(images_dir)
     labels_dir = Path(labels_dir) if labels_dir is not None else images_dir
-    for folder in {images_dir, labels_dir}:
-        if not folder.is_dir():
-            raise FileNotFoundError(f"No such folder: {folder}")
-    label_files: dict[str, Path] = {}
-    for path in labels_dir.iterdir():
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            base = _stem_without_label_suffix(path.stem)
-            if base is not None:
-                label_files[base] = path
-            elif labels_dir != images_dir:
-                label_files.setdefault(path.stem, path)
-    pairs = []
-    for path in images_dir.iterdir():
-        if path.suffix.lower() in IMAGE_SUFFIXES and _stem_without_label_suffix(path.stem) is None:
-            if path.stem in label_files:
-                pairs.append((path.stem, path, label_files[path.stem]))
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"No such folder: {images_dir}")
+    # The rule `glas-seg evaluate` pairs by (labelmaps.label_files); in one shared folder only
+    # suffixed files are labels, the others are the images.
+    labels = label_files(labels_dir, plain=labels_dir != images_dir)
+    pairs = [(path.stem, path, labels[path.stem]) for path in images_dir.iterdir()
+             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and label_stem(path.stem) is None
+             and path.stem in labels]
     return sorted(pairs, key=lambda p: natural_key(p[0]))
 
 
@@ -179,7 +166,7 @@ def rescale_sample(sample: Sample, scale: float) -> Sample:
     if scale == 1:
         return sample
     image = rescale(sample.image, scale, channel_axis=-1, anti_aliasing=scale < 1, order=1).astype(np.float32)
-    labels = rescale(sample.labels, scale, order=0, anti_aliasing=False, preserve_range=True).astype(sample.labels.dtype)
+    labels = resize_labels(sample.labels, image.shape[:2])  # the one nearest-neighbour label resize
     return Sample(sample.name, image, labels)
 
 

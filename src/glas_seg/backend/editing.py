@@ -19,6 +19,8 @@ from skimage.draw import line as draw_line
 from skimage.morphology import disk
 from skimage.segmentation import watershed
 
+from .labelmaps import bounding_box as _bbox
+from .labelmaps import compact_ids
 from .postprocess import fill_holes_per_object, remove_small_labels
 
 __all__ = [
@@ -67,30 +69,12 @@ def _check_ids(ids: Iterable[int] | int, labels: np.ndarray) -> np.ndarray:
     return np.asarray(list(dict.fromkeys(values)), dtype=labels.dtype)
 
 
-def _bbox(mask: np.ndarray) -> tuple[slice, slice] | None:
-    """Bounding box of the True pixels of a 2D mask (None if there are none)."""
-    rows = np.flatnonzero(mask.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(mask.any(axis=0))
-    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
-
-
 def _grow(box: tuple[slice, slice], margin: int, shape: tuple[int, int]) -> tuple[slice, slice]:
     return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, shape))
 
 
 def _is_dense(labels: np.ndarray) -> bool:
     return labels.size > 0 and int(labels.max()) <= _DENSE_FACTOR * labels.size
-
-
-def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(ids, compact)``: ``compact`` numbers the objects 1..K (0 stays 0), ``ids[compact] == labels``."""
-    ids, inverse = np.unique(labels, return_inverse=True)
-    inverse = inverse.reshape(labels.shape)
-    if ids.size and ids[0] == 0:
-        return ids, inverse
-    return np.concatenate([np.zeros(1, labels.dtype), ids]), inverse + 1
 
 
 def _object_boxes(labels: np.ndarray) -> list[tuple[int, tuple[slice, slice]]]:
@@ -100,8 +84,8 @@ def _object_boxes(labels: np.ndarray) -> list[tuple[int, tuple[slice, slice]]]:
     if _is_dense(labels):
         boxes = ndi.find_objects(labels.astype(np.intp, copy=False))
         return [(index, box) for index, box in enumerate(boxes, start=1) if box is not None]
-    ids, compact = _compact(labels)
-    return [(int(ids[index]), box) for index, box in enumerate(ndi.find_objects(compact), start=1) if box is not None]
+    ids, index, _ = compact_ids(labels)
+    return [(int(ids[k - 1]), box) for k, box in enumerate(ndi.find_objects(index), start=1) if box is not None]
 
 
 def free_ids(labels: np.ndarray, count: int, start: int | None = None) -> np.ndarray:
@@ -440,8 +424,8 @@ def fill_holes(labels: np.ndarray, ids: Iterable[int] | None = None) -> np.ndarr
         return out
     if _is_dense(labels):
         return fill_holes_per_object(labels.astype(np.intp, copy=False)).astype(labels.dtype, copy=False)
-    values, compact = _compact(labels)
-    return values[fill_holes_per_object(compact)]
+    values, index, _ = compact_ids(labels)
+    return np.concatenate([np.zeros(1, labels.dtype), values])[fill_holes_per_object(index)]
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
@@ -535,5 +519,4 @@ def relabel_sequentially(labels: np.ndarray) -> np.ndarray:
         present[0] = False
         table = np.cumsum(present).astype(labels.dtype)
         return table[flat]
-    _, compact = _compact(labels)
-    return compact.astype(labels.dtype)
+    return compact_ids(labels)[1].astype(labels.dtype)

@@ -26,7 +26,8 @@ from .checkpoint import config_replace, load_state
 from .data import Sample, find_pairs, load_sample
 from .image_io import to_float_rgb
 from .progress import Cancelled, is_cancelled as _should_stop
-from .registry import LoadedModel, ModelEntry, build_model, find_model, pick_device
+from .labelmaps import bounding_box
+from .registry import LoadedModel, ModelEntry, build_network, find_model, pick_device
 from .settings import FinetuneSettings  # noqa: F401 (defined without torch, for the CLI and API)
 from .stacks import all_planes, leading_shape
 from .training import TrainSettings, evaluate, train
@@ -175,8 +176,7 @@ def _restrict(sample: Sample, mask: np.ndarray | None) -> Sample:
     """A validation sample limited to the bounding box of its trusted region."""
     if mask is None:
         return sample
-    rows, cols = np.nonzero(mask)
-    box = slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)
+    box = bounding_box(mask)
     if min(box[0].stop - box[0].start, box[1].stop - box[1].start) < 32:
         raise ValueError(f"{sample.name}: its corrected region is too small to validate on (under 32 pixels a side); "
                          "set the validation share to 0 or draw larger regions")
@@ -275,8 +275,7 @@ def finetune(
     network = loaded = None
     try:
         if val:
-            network = build_model(base_config)
-            network.load_state_dict(state)
+            network = build_network(base_config, state, base_entry.path.name)
             before = evaluate(LoadedModel(network.to(device).eval(), base_config, device), val)
             network = None
             record({"iteration": 0, "total": settings.iterations, **before})

@@ -23,6 +23,7 @@ from scipy import ndimage, sparse
 
 from .errors import GlasSegError
 from .metrics_distance import hausdorff_distance, side_hausdorff  # noqa: F401 (public here too)
+from .labelmaps import compact_ids as _compact  # shared with editing and post-processing
 
 # Dense contingency tables up to this many cells; larger ones (thousands of nuclei) are sparse.
 _DENSE_TABLE_CELLS = 4_000_000
@@ -40,33 +41,6 @@ def _check_pair(seg: np.ndarray, gt: np.ndarray) -> None:
         # pixel Dice never scores a map the others call invalid.
         if labels.size and labels.dtype.kind == "i" and labels.min() < 0:
             raise GlasSegError(f"{name} holds negative ids (min {int(labels.min())}); ids must be 0 (background) or more")
-
-
-def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Object ids, a per-pixel index into them (0 = background) and the object areas.
-
-    Returns
-    -------
-    ids : ndarray, shape ``(N,)``, the sorted nonzero ids, dtype of ``labels``
-    index : ndarray of int32 or intp, shape ``labels.shape``; ``ids[index - 1]`` where ``index > 0``
-    areas : ndarray of int64, shape ``(N,)``
-    """
-    flat = np.asarray(labels).ravel()
-    if flat.dtype == bool:
-        flat = flat.view(np.uint8)
-    if flat.size and flat.min() < 0:
-        raise GlasSegError("Label maps must not hold negative ids")
-    top = int(flat.max(initial=0))
-    if top <= max(flat.size, 1 << 16):  # a lookup table is cheaper than sorting the pixels
-        counts = np.bincount(flat.astype(np.intp, copy=False), minlength=1)
-        present = np.flatnonzero(counts[1:]) + 1
-        lut = np.zeros(top + 1, dtype=np.int32 if present.size < 2**31 - 1 else np.intp)
-        lut[present] = np.arange(1, present.size + 1)
-        return present.astype(flat.dtype), lut[flat].reshape(labels.shape), counts[present].astype(np.int64)
-    ids, index, counts = np.unique(flat, return_inverse=True, return_counts=True)
-    if ids[0] != 0:
-        ids, index, counts = np.concatenate([[0], ids]), index + 1, np.concatenate([[0], counts])
-    return ids[1:], index.reshape(labels.shape), counts[1:].astype(np.int64)
 
 
 def _table(seg_index: np.ndarray, gt_index: np.ndarray, n_seg: int, n_gt: int) -> sparse.coo_matrix:

@@ -14,7 +14,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .image_io import IMAGE_SUFFIXES, LABEL_SUFFIXES, natural_key
+from .image_io import natural_key
+from .labelmaps import label_files as _label_files  # one pairing rule, shared with data.find_pairs
 from .metrics import ObjectMatches, match_stack, object_scores
 from .metrics_pixel import PIXEL_KEYS, auc, pixel_counts, pixel_scores, roc_curve
 from .outputs import write_file
@@ -144,26 +145,6 @@ def score_set(items: Iterable[tuple], progress: Callable[[int, int], None] | Non
 
 
 # -- files --------------------------------------------------------------------------------
-def _label_files(folder: Path) -> dict[str, Path]:
-    """Map name -> label file; ``X_anno.bmp`` / ``X_labels.tif`` win over a plain ``X.png``."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"No such folder: {folder}")
-    chosen: dict[str, tuple[int, Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        name, rank = path.stem, 0
-        for suffix in LABEL_SUFFIXES:
-            if path.stem.endswith(suffix) and len(path.stem) > len(suffix):
-                name, rank = path.stem[: -len(suffix)], 1
-                break
-        if name in chosen and chosen[name][0] == rank:
-            raise ValueError(f"Ambiguous label files for {name!r} in {folder}: {chosen[name][1].name} and {path.name}")
-        if name not in chosen or rank > chosen[name][0]:
-            chosen[name] = (rank, path)
-    return {name: path for name, (_, path) in chosen.items()}
-
-
 def pair_label_files(pred_dir: str | Path, gt_dir: str | Path) -> tuple[list[tuple[str, Path, Path]], list[str], list[str]]:
     """Pair prediction and ground-truth label files by name.
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.segmentation import relabel_sequential
 
+from .labelmaps import bounding_box
 from .postprocess import remove_small_labels
 
 
@@ -94,8 +95,8 @@ def pieces_from_tile(
         binary = probabilities[: max(0, height - top), : max(0, width - left)] > mask_threshold
         if not binary.any():
             continue
-        rows, cols = np.flatnonzero(binary.any(1)), np.flatnonzero(binary.any(0))
-        r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+        rows, cols = bounding_box(binary)
+        r0, r1, c0, c1 = rows.start, rows.stop, cols.start, cols.stop
         th, tw = probabilities.shape
         cut = bool((r0 == 0 and top > 0) or (c0 == 0 and left > 0)
                    or (r1 == th and top + th < height) or (c1 == tw and left + tw < width))
