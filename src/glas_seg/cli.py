@@ -41,25 +41,36 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .backend.inference import predicts_instances, segment
     from .backend.registry import load_model
 
+    from .backend.outputs import output_folder, write_file
+    from .backend.registry import pick_device
+    from .backend.validate import check_segment_options
+
+    # Everything that can be checked is checked before the model is loaded and any image read.
+    check_segment_options(args.tile_size, args.overlap, min_size=args.min_size)
+    pick_device(args.device)
+    targets = _label_targets(args.images)
+    out = output_folder(args.out, "--out")
     model = load_model(args.model, args.device, mode=args.mode)
     if args.tta and predicts_instances(model):
         raise ValueError(f"--tta does not apply to {model.config.architecture} models (they detect instances directly)")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     failures = written = 0
-    with _progress_bar(len(args.images), "segment", "image") as bar:
-        for path in map(Path, args.images):
+    with _progress_bar(len(targets), "segment", "image") as bar:
+        for path, name in targets:
+            target = out / name
             try:
                 image = read_image(path)
                 result = segment(model, image, min_size=args.min_size, tile_size=args.tile_size,
                                  overlap=args.overlap, tta=args.tta)
-            except (ValueError, FileNotFoundError) as exc:
+                replaced = target.is_file()
+                # Temporary name, then rename: an interrupted run never leaves half a label map.
+                write_file(target, lambda tmp: tifffile.imwrite(tmp, result.labels, compression="zlib"), "label map")
+            except (ValueError, FileNotFoundError) as exc:  # one bad image or output: go on with the rest
                 bar.write(f"skipped {path}: {exc}", file=sys.stderr)
                 failures += 1
             else:
-                target = out / f"{path.stem}_labels.tif"
-                tifffile.imwrite(target, result.labels, compression="zlib")
                 written += 1
+                if replaced:
+                    bar.write(f"replaced existing {target}", file=sys.stderr)
                 bar.set_postfix_str(f"{path.name}: {int(result.labels.max())} objects")
             bar.update()
     # One line per run, so that the user knows where to look (the bar only shows progress).
@@ -68,32 +79,68 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _label_targets(images: list[str]) -> list[tuple[Path, str]]:
+    """``(image, output file name)`` per input; two inputs that would write the same file are refused.
+
+    Names are compared case-insensitively: on macOS and Windows ``A.png`` and ``a.png`` would
+    overwrite each other's labels. The same file given twice is segmented once.
+    """
+    from .backend.errors import GlasSegError
+
+    seen: dict[str, Path] = {}
+    targets = []
+    for path in map(Path, images):
+        name = f"{path.stem}_labels.tif"
+        other = seen.get(name.casefold())
+        if other is not None:
+            if other.resolve() == path.resolve():
+                continue
+            raise GlasSegError(f"{other} and {path} would both be written to {name}; "
+                               "segment them into different --out folders or rename one")
+        seen[name.casefold()] = path
+        targets.append((path, name))
+    return targets
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .backend.checkpoint import ModelConfig, save_model
     from .backend.data import dataset_split, load_sample
     from .backend.models import ARCHITECTURES
     from .backend.training import TrainSettings, train
+    from .backend.checkpoint import config_replace
+    from .backend.model_schema import check_config, expected_weights
+    from .backend.outputs import output_file, output_folder
+    from .backend.registry import pick_device
 
     if args.model not in ARCHITECTURES:
         raise ValueError(f"Unknown architecture {args.model!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    # Every option is checked before the data is read: a bad value fails in a second, not after loading.
+    settings = TrainSettings(iterations=args.iterations, eval_every=args.eval_every, batch_size=args.batch_size,
+                             crop_size=args.crop_size, learning_rate=args.lr, optimizer=args.optimizer,
+                             seed=args.seed, device=args.device)
+    pick_device(args.device)
+    config = ModelConfig(
+        name=args.name, architecture=args.model, arch_kwargs=_json_object(args.arch_kwargs, "--arch-kwargs"),
+        task=args.task, scale=args.scale, min_size=args.min_size, tile_size=args.tile_size,
+    )
+    check_config(config, "train options")
+    expected_weights(config)  # the builder accepts --arch-kwargs (names and values)
+    output_folder(args.out, "--out")
+    if args.export:
+        output_file(args.export, "--export")
     train_pairs, val_pairs = dataset_split(args.data, args.val_fraction, args.seed)
     print(f"{len(train_pairs)} training and {len(val_pairs)} validation images (patient-wise split)", file=sys.stderr)
     train_samples = [load_sample(*p) for p in train_pairs]
     val_samples = [load_sample(*p) for p in val_pairs]
-    arch_kwargs = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
-    config = ModelConfig(
-        name=args.name, architecture=args.model, arch_kwargs=arch_kwargs, task=args.task, scale=args.scale,
-        min_size=args.min_size, tile_size=args.tile_size,
-        training={"data": str(args.data), "split": f"patient-wise, val_fraction={args.val_fraction}, seed={args.seed}",
-                  "val_names": [p[0] for p in val_pairs]},
-    )
-    settings = TrainSettings(iterations=args.iterations, eval_every=args.eval_every, batch_size=args.batch_size,
-                             crop_size=args.crop_size, learning_rate=args.lr, optimizer=args.optimizer,
-                             seed=args.seed, device=args.device)
+    config = config_replace(config, training={
+        "data": str(args.data), "split": f"patient-wise, val_fraction={args.val_fraction}, seed={args.seed}",
+        "val_names": [p[0] for p in val_pairs]})
     bar = _progress_bar(args.iterations, "train", "it")
     progress = _training_reporter(bar)
-    _, state = train(config, settings, train_samples, val_samples, args.out, progress=progress)
-    bar.close()
+    try:
+        _, state = train(config, settings, train_samples, val_samples, args.out, progress=progress)
+    finally:
+        bar.close()  # before any error message, which would otherwise share the bar's line
     best = Path(args.out) / "best.safetensors"
     if args.export:
         from .backend.checkpoint import load_state
@@ -106,10 +153,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str, option: str) -> dict:
+    """Parse an option holding a JSON object (``'{"width": 16}'``); empty means ``{}``."""
+    from .backend.errors import GlasSegError
+
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise GlasSegError(f"{option} is not valid JSON ({exc}); write e.g. '{{\"width\": 16}}'") from None
+    if not isinstance(value, dict):
+        raise GlasSegError(f"{option} must be a JSON object of builder arguments such as '{{\"width\": 16}}', "
+                           f"not a {type(value).__name__}")
+    return value
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .backend.image_io import read_labels
     from .backend.metrics_report import format_table, pair_label_files, score_set, write_csv, write_json
+    from .backend.outputs import output_file
 
+    for option, path in (("--csv", args.csv), ("--json", args.json)):
+        if path:
+            output_file(path, option)  # before scoring: a folder given as --csv must not cost the whole run
     pairs, pred_only, gt_only = pair_label_files(args.pred_dir, args.gt_dir)
     if not pairs:
         raise ValueError(f"No prediction in {args.pred_dir} has a ground truth of the same name in {args.gt_dir} "
@@ -170,17 +237,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     if action == "list":
         models = list_models()
         entries = [model_store.describe(entry) for entry in models]
+        damaged = model_store.damaged_models()  # shown, not hidden, so that they can be deleted
         if args.json or getattr(args, "list_json", False):
-            print(json.dumps(entries, indent=1))
-        elif not entries:
+            print(json.dumps(entries + damaged, indent=1))
+        elif not entries and not damaged:
             print(f"no models (user models are kept in {user_model_dir()})")
         else:
-            width = max(len(e["name"]) for e in entries)
+            width = max(len(e["name"]) for e in entries + damaged)
             for e, entry in zip(entries, models):
                 base = f", from {e['base_model']}" if e["base_model"] else ""
                 score = format_validation_score(entry.config)  # the number docs/models.md lists
                 print(f"{e['name']:<{width}}  {e['source']:<7}  {e['task']:<6}  {e['architecture']}{base}"
                       f"{', ' + score if score else ''}")
+            for e in damaged:
+                print(f"{e['name']:<{width}}  {e['source']:<7}  damaged: {e['damaged']} "
+                      f"(remove it with: glas-seg models delete {e['name']})")
     elif action == "export":
         print(f"exported to {model_store.export_model(args.name, args.destination, overwrite=args.overwrite)}")
     elif action == "import":
@@ -208,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg = sub.add_parser("segment", help="segment images into instance label TIFFs",
                          description="Write <image stem>_labels.tif (uint32/int32 instance ids, same height and width) per image.")
     seg.add_argument("images", nargs="+", help="PNG, BMP, JPEG or TIFF images")
-    seg.add_argument("--out", required=True, help="output folder (created if missing)")
+    seg.add_argument("--out", required=True,
+                     help="output folder (created if missing); an existing <stem>_labels.tif there is replaced "
+                          "and each replacement is reported; two inputs with the same stem are refused")
     seg.add_argument("--model", default=DEFAULT_MODEL,
                      help=f"model name (see `glas-seg models`) or .safetensors path (default: {DEFAULT_MODEL})")
     seg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 or mps")
@@ -307,13 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(message: str) -> str:
+    """Errors are printed on one line (scripts grep them; a traceback-like block hides the cause)."""
+    return " ".join(message.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"glas-seg: error: {exc}", file=sys.stderr)
+    except ValueError as exc:  # GlasSegError and the ValueErrors of older code: bad input or options
+        print(f"glas-seg: error: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # files: missing input, no permission, disk full, a folder in the way
+        reason = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        print(f"glas-seg: error: {_one_line(reason)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("glas-seg: interrupted", file=sys.stderr)

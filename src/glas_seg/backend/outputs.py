@@ -38,12 +38,11 @@ def output_folder(path: str | Path, what: str = "output folder") -> Path:
         for root, whom permission bits do not stop).
     """
     path = Path(path)
-    for folder in (path, *path.parents):
-        if folder.exists() or folder.is_symlink():
-            if not folder.is_dir():
-                where = "is a file" if folder == path else f"is under {folder}, which is a file"
-                raise GlasSegError(f"{what} {path} {where}; give a folder")
-            break
+    if path.exists() and not path.is_dir():
+        raise GlasSegError(f"{what} {path} is a file; give a folder")
+    blocker = _file_above(path)
+    if blocker is not None:
+        raise GlasSegError(f"{what} {path} is under {blocker}, which is a file; give a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".glas-seg-write-test.", dir=path)
@@ -65,8 +64,19 @@ def output_file(path: str | Path, what: str = "output file") -> Path:
     path = Path(path)
     if path.is_dir():
         raise GlasSegError(f"{what} {path} is a folder; give a file name")
+    blocker = _file_above(path)
+    if blocker is not None:
+        raise GlasSegError(f"{what} {path} is under {blocker}, which is a file; give another path")
     output_folder(path.parent, f"the folder of {what}")
     return path
+
+
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` if it is a file (no folder can be made there)."""
+    for folder in path.parents:
+        if folder.exists() or folder.is_symlink():
+            return None if folder.is_dir() else folder
+    return None
 
 
 def write_file(path: str | Path, write: Callable[[str], None], what: str = "output file") -> Path:

@@ -170,7 +170,7 @@ def pick_device(device: "str | torch.device | None" = "auto") -> "torch.device":
     if parsed.type not in ("cpu", "cuda", "mps"):  # meta, xla...: parse, but cannot run a model
         raise GlasSegError(f"Unsupported device {str(device)!r}; {here}")
     if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise GlasSegError(f"CUDA was requested but no CUDA GPU is available; {here}")
+        raise GlasSegError(f"CUDA ({str(device)!r}) was requested but no CUDA GPU is available; {here}")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
         raise GlasSegError(f"There is no GPU {str(device)!r}; {here}")
     if parsed.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):

@@ -221,8 +221,10 @@ def train(
             state = TrainState(**json.loads(state_file.read_text())["state"])
         except (pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
             # A damaged, foreign or non-weights-only file (never unpickled), or a run of another model.
-            raise GlasSegError(f"The run folder {out_dir} cannot be resumed: its saved state is damaged or from a "
-                               f"different model ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            # The exception's own text is left out: torch's suggests weights_only=False, which would
+            # run whatever code a planted file holds.
+            raise GlasSegError(f"The run folder {out_dir} cannot be resumed: its saved state is damaged, not "
+                               f"weights-only, or from a different model ({type(exc).__name__}); "
                                f"start a new run with another --out, or delete {out_dir}") from None
     elif init_state is not None:
         network.load_state_dict(init_state)
