@@ -14,6 +14,7 @@ from .image_io import to_float_rgb
 from .postprocess import instances_from_probabilities, resize_labels
 from .models import get_architecture
 from .registry import LoadedModel
+from .validate import check_segment_options
 from .stitching import pieces_from_tile, stitch_pieces, tile_cores
 
 # The one progress / cancel contract (docs/progress.md); re-exported here for older imports.
@@ -161,6 +162,7 @@ def predict_probabilities(
     -------
     probabilities : ndarray of float32, shape ``(num_classes, h, w)``
     """
+    check_segment_options(tile_size, overlap, batch_size)  # GlasSegError before any work
     x, boxes, (th, tw), (h, w) = _tiled_input(model, image, tile_size, overlap)
     H, W = x.shape[-2:]
     window = blend_window(th, tw)
@@ -214,6 +216,7 @@ def predict_instances(
     if tta:
         raise ValueError(f"Flip test-time augmentation is not available for {model.config.architecture} models "
                          "(they detect instances directly); turn it off")
+    check_segment_options(tile_size, overlap, batch_size)  # GlasSegError before any work
     x, boxes, (th, tw), (h, w) = _tiled_input(model, image, tile_size, overlap)
     foreground = torch.zeros(h, w)
     cores = tile_cores(boxes, (th, tw))
@@ -256,6 +259,7 @@ def segment(
     Segmentation
         ``labels`` int32 ``(H, W)`` and ``probabilities`` at the working scale.
     """
+    check_segment_options(min_size=min_size)  # negative sizes; the rest is checked by predict_*
     scale = model.config.scale
     min_size = model.config.min_size if min_size is None else min_size
     working_min_size = max(1, round(min_size * scale**2))
