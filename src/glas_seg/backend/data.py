@@ -12,6 +12,7 @@ from scipy import ndimage as ndi
 from skimage.transform import rescale
 
 from .augment import Augmenter, glass_edge
+from .errors import GlasSegError
 from .image_io import IMAGE_SUFFIXES, natural_key, read_image, read_labels, to_float_rgb
 from .labelmaps import label_files, label_stem
 from .postprocess import resize_labels
@@ -73,7 +74,7 @@ def patient_split(
     train_names, val_names : lists of str, each in the order of ``names``
     """
     if not 0 < val_fraction < 1:
-        raise ValueError("val_fraction must be between 0 and 1")
+        raise GlasSegError("val_fraction must be between 0 and 1")
     by_patient: dict[str, list[str]] = {}
     for name in names:
         if name in patients:
@@ -121,7 +122,7 @@ def dataset_split(root: str | Path, val_fraction: float = 0.2, seed: int = 0) ->
     folder = root / "train" if (root / "train").is_dir() else root
     pairs = find_pairs(folder)
     if len(pairs) < 2:
-        raise ValueError(f"{folder} holds {len(pairs)} image/label pair(s); training needs at least 2 "
+        raise GlasSegError(f"{folder} holds {len(pairs)} image/label pair(s); training needs at least 2 "
                          "(X.png + X_label.tif, or GlaS-style X.bmp + X_anno.bmp)")
     names = [p[0] for p in pairs]
     train, val = patient_split(names, {n: patient_of(n) for n in names}, val_fraction, seed)
@@ -133,7 +134,7 @@ def load_sample(name: str, image_path: Path, label_path: Path) -> Sample:
     image = to_float_rgb(read_image(image_path))
     labels = read_labels(label_path)
     if labels.shape != image.shape[:2]:
-        raise ValueError(f"{name}: labels {labels.shape} and image {image.shape[:2]} differ in size")
+        raise GlasSegError(f"{name}: labels {labels.shape} and image {image.shape[:2]} differ in size")
     return Sample(name, image, labels)
 
 
@@ -157,7 +158,7 @@ def binary_mask_samples(root: str | Path, image_prefix: str = "Slide_", mask_pre
             labels, _ = ndi.label(read_labels(mask_path) > 0, structure=np.ones((3, 3)))
             samples.append(Sample(f"{suffix}/{name}", image, labels.astype(np.int32)))
     if not samples:
-        raise ValueError(f"No {image_prefix}XX/ + {mask_prefix}XX/ image/mask pairs under {root}")
+        raise GlasSegError(f"No {image_prefix}XX/ + {mask_prefix}XX/ image/mask pairs under {root}")
     return samples
 
 

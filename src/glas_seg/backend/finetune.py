@@ -24,6 +24,7 @@ from skimage.draw import polygon_perimeter as draw_polygon_perimeter
 from . import model_store
 from .checkpoint import config_replace, load_state
 from .data import Sample, find_pairs, load_sample
+from .errors import GlasSegError
 from .image_io import to_float_rgb
 from .progress import Cancelled, is_cancelled as _should_stop
 from .labelmaps import bounding_box
@@ -75,7 +76,7 @@ def masks_from_polygons(polygons: Sequence[np.ndarray], shape: tuple[int, int]) 
     for vertices in polygons:
         vertices = np.asarray(vertices, dtype=float)
         if vertices.ndim != 2 or vertices.shape[1] != 2 or len(vertices) < 3:
-            raise ValueError("Regions must be polygons or rectangles with 2D vertices")
+            raise GlasSegError("Regions must be polygons or rectangles with 2D vertices")
         rr, cc = draw_polygon(vertices[:, 0], vertices[:, 1], shape=shape)
         mask[rr, cc] = True
         # The interior alone leaves out pixels on the outline (napari draws a rectangle's edges
@@ -119,18 +120,18 @@ def samples_from_arrays(
     stack = leading_shape(image.shape, rgb)
     plane_shape = image.shape[len(stack) : len(stack) + 2]
     if labels.shape != stack + tuple(plane_shape):
-        raise ValueError(
+        raise GlasSegError(
             f"{name}: labels of shape {labels.shape} do not match the image "
             f"({image.shape}{', RGB' if rgb else ''}); expected {stack + tuple(plane_shape)}"
         )
     if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{name}: labels must hold integers, got {labels.dtype}")
+        raise GlasSegError(f"{name}: labels must hold integers, got {labels.dtype}")
     by_plane: dict[tuple, list[np.ndarray]] = {}
     if regions is not None:
         for vertices in regions:
             vertices = np.asarray(vertices, dtype=float)
             if vertices.ndim != 2 or vertices.shape[1] != labels.ndim:
-                raise ValueError(f"{name}: a region has {vertices.shape[-1]}-D vertices, the labels are {labels.ndim}-D")
+                raise GlasSegError(f"{name}: a region has {vertices.shape[-1]}-D vertices, the labels are {labels.ndim}-D")
             plane = tuple(int(round(v)) for v in vertices[0, : len(stack)])
             if all(0 <= p < n for p, n in zip(plane, stack)):
                 by_plane.setdefault(plane, []).append(vertices[:, len(stack) :])
@@ -156,7 +157,7 @@ def samples_from_folders(images_dir, labels_dir=None) -> list[Sample]:
     pairs = find_pairs(images_dir, labels_dir)
     if not pairs:
         where = f"{images_dir}" + (f" and {labels_dir}" if labels_dir else "")
-        raise ValueError(f"No image/label pairs found in {where} (labels named like the image, "
+        raise GlasSegError(f"No image/label pairs found in {where} (labels named like the image, "
                          "or X.png with X_anno.png / X_labels.tif)")
     return [load_sample(*pair) for pair in pairs]
 
@@ -178,7 +179,7 @@ def _restrict(sample: Sample, mask: np.ndarray | None) -> Sample:
         return sample
     box = bounding_box(mask)
     if min(box[0].stop - box[0].start, box[1].stop - box[1].start) < 32:
-        raise ValueError(f"{sample.name}: its corrected region is too small to validate on (under 32 pixels a side); "
+        raise GlasSegError(f"{sample.name}: its corrected region is too small to validate on (under 32 pixels a side); "
                          "set the validation share to 0 or draw larger regions")
     labels = np.where(mask, sample.labels, 0)[box]
     return Sample(sample.name, sample.image[box], labels)
@@ -238,11 +239,11 @@ def finetune(
     model_store.check_new_name(name, overwrite)
     samples = list(samples)
     if not samples:
-        raise ValueError("Nothing to fine-tune on: give at least one image with corrected labels")
+        raise GlasSegError("Nothing to fine-tune on: give at least one image with corrected labels")
     if valid_masks is not None:
         valid_masks = [np.asarray(m, dtype=bool) for m in valid_masks]
         if len(valid_masks) != len(samples) or any(m.shape != s.labels.shape for m, s in zip(valid_masks, samples)):
-            raise ValueError("Give one region mask per image, each of the image's height and width")
+            raise GlasSegError("Give one region mask per image, each of the image's height and width")
     base_entry = find_model(base)
     state, base_config = load_state(base_entry.path)
     if val_samples is None:
