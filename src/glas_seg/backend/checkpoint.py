@@ -73,13 +73,10 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        data = json.loads(text)
-        data.pop("format_version", None)
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in ("mean", "std", "class_names"):
-            if key in data:
-                data[key] = tuple(data[key])
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """Parse a configuration as stored in a model file; every field is checked (GlasSegError)."""
+        from .model_schema import config_from_header
+
+        return config_from_header(text, "model configuration")
 
 
 def atomic_write(path: Path, write) -> None:
