@@ -135,11 +135,14 @@ class TaskPanel:
     def __init__(self, run_text: str, cancelled_text: str = "Cancelled; no layer was changed.") -> None:
         from magicgui.widgets import Label, ProgressBar, PushButton
 
+        from ._dock import wrap_text
+
         self.task = BackgroundTask()
         self.run_button = PushButton(text=run_text)
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress = ProgressBar(value=0, min=0, max=1, visible=False)
         self.status = Label(value="")
+        wrap_text(self.status)
         self.cancelled_text = cancelled_text
         self.cancel_button.changed.connect(self.task.cancel)
         self.task.progressed.connect(self._on_progress)

@@ -17,6 +17,8 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, S
 from napari.layers import Labels, Points, Shapes
 from napari.utils.notifications import show_warning
 
+from ._dock import dock_as_tab, wrap_text
+from ._layers import ERROR_ROLES, fits, plugin_is_adding
 from .backend import editing
 
 if TYPE_CHECKING:
@@ -106,13 +108,15 @@ class EditWidget(Container):
         self.undo_button = PushButton(text="Undo last edit (Ctrl+Z)")
         self.keys = Label(label="Keys", value=self.key_help())
         self.status = Label(value="")
+        wrap_text(self.status)
         self.extend([
             self.labels, self.selection, _row("", self.delete_button, self.merge_button),
             _row("Cut lines", self.cut_lines, self.new_cut_layer), self.split_line_button,
             _row("Seeds", self.seeds, self.new_seed_layer), self.split_seeds_button,
             self.fill_button, self.min_size, self.remove_button, self.radius, self.smooth_button,
-            _row("", self.relabel_button, self.next_id_button), self.undo_button, self.keys, self.status,
+            _row("", self.relabel_button, self.next_id_button), self.undo_button, self.status, self.keys,
         ])
+        dock_as_tab(self.native)
         self.fill_button.tooltip = self.smooth_button.tooltip = "Acts on the selected ids, or on all objects when none is selected"
 
         self.delete_button.changed.connect(self.delete_selected)
@@ -131,6 +135,7 @@ class EditWidget(Container):
             event.connect(self.reset_choices)
         napari_viewer.layers.selection.events.active.connect(self._follow_active_layer)
         self._follow_active_layer()
+        self.reset_choices()
         self._bound: dict[str, Callable] = {}
         self.bind_keys()
         self.native.destroyed.connect(self.unbind_keys)
@@ -163,7 +168,8 @@ class EditWidget(Container):
 
     # -- choices -------------------------------------------------------------------------------
     def _labels_layers(self, _widget=None) -> list:
-        return [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
+        # Metrics' false positive / negative layers are results to look at, not labels to correct.
+        return [layer for layer in self.viewer.layers if isinstance(layer, Labels) and fits(layer, ERROR_ROLES)]
 
     def _shapes_layers(self, _widget=None) -> list:
         return [layer for layer in self.viewer.layers if isinstance(layer, Shapes)]
@@ -172,10 +178,21 @@ class EditWidget(Container):
         return [layer for layer in self.viewer.layers if isinstance(layer, Points)]
 
     def _follow_active_layer(self, _event=None) -> None:
+        """Take the layer the user made active (never one glas-seg is adding, see :mod:`._layers`)."""
         active = self.viewer.layers.selection.active
+        if plugin_is_adding():
+            return
         for combo in (self.labels, self.cut_lines, self.seeds):
             if active is not None and active in combo.choices:
                 combo.value = active
+
+    def reset_choices(self, *_args) -> None:
+        """Re-read the layers; an empty Labels box takes the newest Labels layer that fits."""
+        super().reset_choices()
+        if self.labels.value is None:
+            layers = self._labels_layers()
+            if layers:
+                self.labels.value = layers[-1]
 
     # -- helpers -----------------------------------------------------------------------------------
     def _fail(self, message: str) -> None:
@@ -187,6 +204,9 @@ class EditWidget(Container):
         layer = self.labels.value
         if not isinstance(layer, Labels):
             self._fail("choose a Labels layer to edit (or create one: Layers > New Labels Layer)")
+            return None
+        if not layer.visible:  # a key press would change objects nobody can see
+            self._fail(f"{layer.name!r} is hidden; show it (eye icon in the layer list) or choose another Labels layer")
             return None
         if layer.multiscale:
             self._fail(f"{layer.name!r} is multiscale; edit a single-resolution Labels layer")

@@ -20,6 +20,8 @@ from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
 from ._background import TaskPanel
+from ._dock import dock_as_tab, raise_tab, style_figure
+from ._layers import ERROR_ROLES, PROBABILITY, fits
 from .backend import model_store
 from .backend.finetune import FinetuneSettings, finetune, samples_from_arrays
 from .backend.registry import DEFAULT_MODEL, list_models
@@ -137,8 +139,8 @@ class FinetuneWidget(Container):
             self.augment, self.val_share, self.device, self.new_name, *self.panel.widgets,
             self.segment_button,
         ])
-        self.status.native.setWordWrap(True)
         self._build_plot()
+        dock_as_tab(self.native)
         self.add_pair()
         self.new_name.value = self.suggest_name()
 
@@ -148,6 +150,7 @@ class FinetuneWidget(Container):
         self.segment_button.changed.connect(self.segment_with_new_model)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_layers)
+        napari_viewer.events.theme.connect(self._draw_curves)
 
     # -- layout pieces ----------------------------------------------------------------------
     def _build_plot(self) -> None:
@@ -162,7 +165,7 @@ class FinetuneWidget(Container):
         self.native.layout().addWidget(self.canvas)
         self._draw_curves()
 
-    def _draw_curves(self) -> None:
+    def _draw_curves(self, _event=None) -> None:
         ax, ax2 = self.loss_axes, self.f1_axes
         ax.clear()
         ax2.clear()
@@ -180,6 +183,7 @@ class FinetuneWidget(Container):
         ax2.set_ylim(0, 1)
         for a in (ax, ax2):
             a.tick_params(labelsize=6)
+        style_figure(self.figure, self.viewer)
         self.canvas.draw_idle()
 
     def add_pair(self, _value=None) -> PairRow:
@@ -207,10 +211,11 @@ class FinetuneWidget(Container):
 
     # -- choices ---------------------------------------------------------------------------
     def _image_layers(self, _widget=None) -> list:
-        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+        # glas-seg's probability maps are not images to train on, nor its error layers labels.
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image) and fits(layer, (PROBABILITY,))]
 
     def _labels_layers(self, _widget=None) -> list:
-        return [layer for layer in self.viewer.layers if isinstance(layer, Labels)]
+        return [layer for layer in self.viewer.layers if isinstance(layer, Labels) and fits(layer, ERROR_ROLES)]
 
     def _shapes_layers(self, _widget=None) -> list:
         return [layer for layer in self.viewer.layers if isinstance(layer, Shapes)]
@@ -357,11 +362,12 @@ class FinetuneWidget(Container):
             show_warning("glas-seg: fine-tune a model first")
             return None
         segment = self.segment_widget()
+        raise_tab(segment.native)
         segment.refresh_models(select=self.last_result.entry.name)
         active = self.viewer.layers.selection.active
-        if isinstance(active, Image):
+        if active is not None and active in segment.image.choices:
             segment.image.value = active
-        elif self.pair_rows and self.pair_rows[0].image_layer.value is not None:
+        elif self.pair_rows and self.pair_rows[0].image_layer.value in segment.image.choices:
             segment.image.value = self.pair_rows[0].image_layer.value
         segment.run()
         return segment

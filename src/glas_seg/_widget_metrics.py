@@ -15,6 +15,10 @@ from napari.utils.colormaps import DirectLabelColormap
 from napari.utils.notifications import show_error, show_info, show_warning
 
 from ._background import TaskPanel
+from ._dock import dock_as_tab, style_figure
+from ._layers import (
+    ERROR_ROLES, FALSE_NEGATIVES, FALSE_POSITIVES, METADATA_KEY, SEGMENTATION, adding_layers, fits, role,
+)
 from ._widget_segment import unique_layer_name, writable_labels_layer
 from .backend.inference import Cancelled
 from .backend.metrics import planes
@@ -24,7 +28,6 @@ from .backend.stacks import fingerprint
 if TYPE_CHECKING:
     import napari
 
-METADATA_KEY = "glas_seg"
 TRUTH_HINTS = ("anno", "truth", "gt", "ground", "mask")
 ROW_TITLES = {
     "object_f1": "Object F1", "object_dice": "Object Dice", "object_hausdorff": "Object Hausdorff (px)",
@@ -96,7 +99,7 @@ class MetricsWidget(Container):
         self.add_errors = CheckBox(text="Show false positives / negatives as layers", value=True)
         self.table = Table(value={"data": [], "index": [], "columns": []})
         self.table.read_only = True
-        self.table.min_height = 260
+        self.table.min_height = 200
         self.export_csv = PushButton(text="Export CSV...", enabled=False)
         self.export_json = PushButton(text="Export JSON...", enabled=False)
         exports = Container(layout="horizontal", widgets=[self.export_csv, self.export_json], labels=False)
@@ -104,9 +107,11 @@ class MetricsWidget(Container):
                      self.table, exports])
         self.figure = Figure(figsize=(3.2, 3.0), tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(240)
+        self.canvas.setMinimumHeight(220)
         self.canvas.setVisible(False)
         self.native.layout().addWidget(self.canvas)
+        dock_as_tab(self.native)
+        napari_viewer.events.theme.connect(self._restyle)
 
         self.run_button.changed.connect(self.run)
         self.export_csv.changed.connect(lambda: self._export_dialog("csv"))
@@ -118,23 +123,29 @@ class MetricsWidget(Container):
     # -- choices ---------------------------------------------------------------------------
     def _labels_layers(self, _widget=None) -> list:
         # Error layers written by this widget are results, not inputs.
-        return [layer for layer in self.viewer.layers
-                if isinstance(layer, Labels) and "errors" not in layer.metadata.get(METADATA_KEY, {})]
+        return [layer for layer in self.viewer.layers if isinstance(layer, Labels) and fits(layer, ERROR_ROLES)]
 
     def _image_layers(self, _widget=None) -> list:
         return [layer for layer in self.viewer.layers if isinstance(layer, Image) and not layer.rgb]
 
     def _refresh(self, _event=None) -> None:
-        """Reset the choices, and guess unset inputs: a layer called ``*anno*`` is the truth."""
+        """Reset the choices, and guess unset inputs: a layer called ``*anno*`` is the truth.
+
+        A segmentation glas-seg wrote is never guessed to be the ground truth; the newest one is
+        the prediction.
+        """
         self.reset_choices()
         layers = [layer for layer in self.prediction.choices if layer is not None]
-        if self.ground_truth.value is None and layers:
-            hinted = [l for l in layers if any(h in l.name.lower() for h in TRUTH_HINTS)]
-            self.ground_truth.value = (hinted or layers)[0]
+        if self.ground_truth.value is None:
+            candidates = [l for l in layers if role(l) != SEGMENTATION]
+            hinted = [l for l in candidates if any(h in l.name.lower() for h in TRUTH_HINTS)]
+            if hinted or candidates:
+                self.ground_truth.value = (hinted or candidates)[0]
         if self.prediction.value is None:
             others = [l for l in layers if l is not self.ground_truth.value]
-            if others:
-                self.prediction.value = others[-1]  # the most recently added one
+            ours = [l for l in others if role(l) == SEGMENTATION]
+            if ours or others:
+                self.prediction.value = (ours or others)[-1]  # the most recently added one
 
     # -- running ---------------------------------------------------------------------------
     def _inputs(self):
@@ -193,11 +204,13 @@ class MetricsWidget(Container):
     def _show(self, pred, gt, pred_data, gt_data, report: Report, fp: dict, fn: dict) -> None:
         self.report = report
         self.table.value = table_value(report)
+        self._fit_table_columns()
         self.export_csv.enabled = self.export_json.enabled = True
         self._plot_roc(report)
         if fp or fn:
-            self._write_errors(pred, pred_data, fp, "false positives", "red")
-            self._write_errors(gt, gt_data, fn, "false negatives", "cyan")
+            with adding_layers(self.viewer):  # the user's selection (and Edit's Labels box) stays put
+                self._write_errors(pred, pred_data, fp, FALSE_POSITIVES, "red")
+                self._write_errors(gt, gt_data, fn, FALSE_NEGATIVES, "cyan")
         p = report.pooled
         self.status.value = (f"F1 {p['object_f1']:.3f}, object Dice {p['object_dice']:.3f}, object Hausdorff "
                              f"{format_value('object_hausdorff', p['object_hausdorff'])} px"
@@ -218,18 +231,38 @@ class MetricsWidget(Container):
         ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate",
                title=f"Pixel ROC, AUC {report.pooled['roc_auc']:.3f}")
+        style_figure(self.figure, self.viewer)
         self.canvas.setVisible(True)
         self.canvas.draw_idle()
 
+    def _restyle(self, _event=None) -> None:
+        style_figure(self.figure, self.viewer)
+        self.canvas.draw_idle()
+
+    def _fit_table_columns(self) -> None:
+        """Widen the value columns to their text (the row titles keep theirs)."""
+        from qtpy.QtWidgets import QHeaderView
+
+        header = self.table.native.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        self.table.native.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+
     def _write_errors(self, source: Labels, data, ids: dict, what: str, colour: str) -> None:
-        """A new (or our own, unedited) Labels layer with the listed objects of ``source``."""
+        """A new (or our own, unedited) Labels layer with the listed objects of ``source``.
+
+        No errors of this kind: no layer, and our own unedited one from an earlier run is removed.
+        """
+        layer = writable_labels_layer(self.viewer, f"{source.name} {what}")
+        if not any(len(wanted) for wanted in ids.values()):
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            return
         full = np.zeros(data.shape, dtype=np.asarray(data[next(iter(ids))]).dtype)
         for index, wanted in ids.items():
             full[index] = error_labels(np.asarray(data[index]), wanted)
         name = f"{source.name} {what}"
-        meta = {METADATA_KEY: {"fingerprint": fingerprint(full), "errors": what, "source": source.name}}
+        meta = {METADATA_KEY: {"role": what, "fingerprint": fingerprint(full), "source": source.name}}
         colormap = DirectLabelColormap(color_dict={None: colour, 0: "transparent"})
-        layer = writable_labels_layer(self.viewer, name)
         if layer is not None:
             layer.data, layer.metadata = full, meta
         else:

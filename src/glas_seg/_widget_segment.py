@@ -8,9 +8,11 @@ import numpy as np
 from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QObject, QTimer, Signal
 
 from ._background import TaskPanel
+from ._dock import dock_as_tab
+from ._layers import METADATA_KEY, PROBABILITY, SEGMENTATION, adding_layers, fits, plugin_is_adding
 from .backend import model_store
 from .backend.inference import segment
 from .backend.models import INFERENCE_MODES, INSTANCE_ARCHITECTURES
@@ -19,8 +21,6 @@ from .backend.stacks import all_planes, fingerprint, leading_shape
 
 if TYPE_CHECKING:
     import napari
-
-METADATA_KEY = "glas_seg"
 
 
 SINGULAR = {"glands": "gland", "nuclei": "nucleus"}
@@ -68,6 +68,7 @@ class SegmentWidget(Container):
     def __init__(self, napari_viewer: "napari.Viewer") -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
+        self._result: dict | None = None  # the last result: the status line follows its edits
         self.panel = TaskPanel("Segment")
         self.task, self.run_button, self.cancel_button = self.panel.task, self.panel.run_button, self.panel.cancel_button
         self.progress, self.status = self.panel.progress, self.panel.status
@@ -92,6 +93,11 @@ class SegmentWidget(Container):
             self.image, self.model, self.mode, self.device, self.planes, self.probabilities, self.advanced,
             self.tile_size, self.overlap, self.tta, self.min_size, *self.panel.widgets,
         ])
+        dock_as_tab(self.native)
+        self._recount_timer = QTimer(self.native)
+        self._recount_timer.setSingleShot(True)
+        self._recount_timer.setInterval(250)
+        self._recount_timer.timeout.connect(self._update_result_status)
         if DEFAULT_MODEL in self.model.choices:
             self.model.value = DEFAULT_MODEL
         self.model.changed.connect(self._apply_model_defaults)
@@ -105,7 +111,8 @@ class SegmentWidget(Container):
 
     # -- choices ---------------------------------------------------------------------------
     def _image_layers(self, _widget=None) -> list:
-        return [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+        # A probability map glas-seg wrote is an Image layer, but not an image to segment.
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image) and fits(layer, (PROBABILITY,))]
 
     def _model_names(self, _widget=None) -> list[str]:
         return [entry.name for entry in list_models()]
@@ -120,11 +127,16 @@ class SegmentWidget(Container):
         super().reset_choices()
         if self.image.value is None:
             self._follow_active_layer()
+        if self._result is not None and self._result["layer"] not in self.viewer.layers:
+            self._update_result_status()
 
     def _follow_active_layer(self, _event=None) -> None:
-        """Select the active image layer, else keep the choice, else take the newest image."""
+        """Select the image layer the user made active, else keep the choice, else take the newest image.
+
+        While glas-seg itself adds layers the active layer is not followed (see :mod:`._layers`).
+        """
         active = self.viewer.layers.selection.active
-        if isinstance(active, Image) and active in self.image.choices:
+        if isinstance(active, Image) and active in self.image.choices and not plugin_is_adding():
             self.image.value = active
         elif self.image.value is None and self._image_layers():
             self.image.value = self._image_layers()[-1]
@@ -211,21 +223,59 @@ class SegmentWidget(Container):
         else:
             full = labels[0]
         name = output_layer_name(image_layer.name, task)
-        meta = {METADATA_KEY: {"fingerprint": fingerprint(full), "model": self.model.value, "image": image_layer.name}}
+        meta = {METADATA_KEY: {"role": SEGMENTATION, "fingerprint": fingerprint(full), "model": self.model.value,
+                               "image": image_layer.name}}
         target = writable_labels_layer(self.viewer, name)
-        if target is not None:
-            target.data = full
-            target.metadata = meta
-        else:
-            target = self.viewer.add_labels(
-                full, name=unique_layer_name(self.viewer, name), metadata=meta,
-                scale=image_layer.scale[: full.ndim], translate=image_layer.translate[: full.ndim],
-            )
-        if probs[0] is not None:
-            prob = probs[0] if len(probs) == 1 else np.stack(probs)
-            factor = 1 / scale
-            self.viewer.add_image(prob, name=unique_layer_name(self.viewer, f"{image_layer.name} {SINGULAR.get(task, task)} probability"),
-                                  colormap="magma", opacity=0.5, contrast_limits=(0, 1), visible=False,
-                                  scale=[factor] * prob.ndim if prob.ndim == 2 else [1] * (prob.ndim - 2) + [factor] * 2)
-        count = len(np.unique(labels[-1])) - 1
-        self.status.value = f"{target.name}: {count} {task}" + (f" in the last of {len(planes)} planes" if len(planes) > 1 else "")
+        # New layers do not take the user's selection, so no widget retargets itself to them.
+        with adding_layers(self.viewer):
+            if target is not None:
+                target.data = full
+                target.metadata = meta
+            else:
+                target = self.viewer.add_labels(
+                    full, name=unique_layer_name(self.viewer, name), metadata=meta,
+                    scale=image_layer.scale[: full.ndim], translate=image_layer.translate[: full.ndim],
+                )
+            if probs[0] is not None:
+                prob = probs[0] if len(probs) == 1 else np.stack(probs)
+                factor = 1 / scale
+                self.viewer.add_image(
+                    prob, name=unique_layer_name(self.viewer, f"{image_layer.name} {SINGULAR.get(task, task)} probability"),
+                    colormap="magma", opacity=0.5, contrast_limits=(0, 1), visible=False,
+                    metadata={METADATA_KEY: {"role": PROBABILITY, "image": image_layer.name}},
+                    scale=[factor] * prob.ndim if prob.ndim == 2 else [1] * (prob.ndim - 2) + [factor] * 2)
+        self._track_result(target, planes[-1] if stack_shape else (), task, len(planes), len(np.unique(labels[-1])) - 1)
+
+    # -- status of the last result -----------------------------------------------------------
+    def _track_result(self, layer: Labels, plane: tuple, task: str, n_planes: int, count: int) -> None:
+        """Show the object count of ``layer`` and keep it up to date while the user edits the layer."""
+        previous = self._result and self._result["layer"]
+        if previous is not None and previous is not layer:
+            self._watch(previous, False)
+        self._result = {"layer": layer, "plane": plane, "task": task, "n_planes": n_planes, "count": count}
+        if previous is not layer:
+            self._watch(layer, True)
+        self._update_result_status()
+
+    def _watch(self, layer: Labels, on: bool) -> None:
+        # paint: brush, fill, Edit widget; data: replaced array; set_data: refresh after undo / redo.
+        for event in (layer.events.paint, layer.events.data, layer.events.set_data):
+            (event.connect if on else event.disconnect)(self._result_edited)
+
+    def _result_edited(self, _event=None) -> None:
+        self._recount_timer.start()  # one recount after a burst of edits
+
+    def _update_result_status(self) -> None:
+        result = self._result
+        if result is None or self.task.running:
+            return
+        layer, task = result["layer"], result["task"]
+        if layer not in self.viewer.layers:
+            self.status.value = f"{layer.name} ({result['count']} {task} when segmented) was removed."
+            self._watch(layer, False)
+            self._result = None
+            return
+        count = int(np.count_nonzero(np.unique(np.asarray(layer.data[result["plane"]]))))
+        where = f" in the last of {result['n_planes']} planes" if result["n_planes"] > 1 else ""
+        edited = f" after edits ({result['count']} when segmented)" if count != result["count"] else ""
+        self.status.value = f"{layer.name}: {count} {task}{where}{edited}"
