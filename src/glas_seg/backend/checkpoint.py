@@ -48,6 +48,10 @@ class ModelConfig:
         Output channels, for the contour-aware head ``("background", "interior", "boundary")``.
     tile_size : int
         Default tile side in network pixels for sliding-window inference.
+    targets : {"outer", "inner"}
+        Where the boundary class of the training targets lies (:func:`..targets.contour_targets`):
+        ``"outer"`` (the older models) a thick band straddling every outline, ``"inner"`` only
+        inside objects, so that foreground = the objects as annotated.
     base_model : str or None
         Model this one was fine-tuned from.
     training : dict
@@ -64,6 +68,7 @@ class ModelConfig:
     class_names: tuple = ("background", "interior", "boundary")
     tile_size: int = 384
     min_size: int = 400
+    targets: str = "outer"
     base_model: str | None = None
     description: str = ""
     training: dict = field(default_factory=dict)
