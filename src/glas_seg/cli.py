@@ -105,23 +105,23 @@ def _label_targets(images: list[str]) -> list[tuple[Path, str]]:
 def cmd_train(args: argparse.Namespace) -> int:
     from .backend.checkpoint import ModelConfig, save_model
     from .backend.data import dataset_split, load_sample
-    from .backend.models import ARCHITECTURES
+    from .backend.models import get_architecture
     from .backend.training import TrainSettings, train
     from .backend.checkpoint import config_replace
     from .backend.model_schema import check_config, expected_weights
     from .backend.outputs import output_file, output_folder
     from .backend.registry import pick_device
 
-    if args.model not in ARCHITECTURES:
-        raise ValueError(f"Unknown architecture {args.model!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    architecture = get_architecture(args.model)
     # Every option is checked before the data is read: a bad value fails in a second, not after loading.
     settings = TrainSettings(iterations=args.iterations, eval_every=args.eval_every, batch_size=args.batch_size,
                              crop_size=args.crop_size, learning_rate=args.lr, optimizer=args.optimizer,
-                             seed=args.seed, device=args.device)
+                             seed=args.seed, device=args.device, glass=args.glass, pretrained=not args.no_pretrained)
     pick_device(args.device)
     config = ModelConfig(
         name=args.name, architecture=args.model, arch_kwargs=_json_object(args.arch_kwargs, "--arch-kwargs"),
-        task=args.task, scale=args.scale, min_size=args.min_size, tile_size=args.tile_size,
+        task=args.task, scale=args.scale, min_size=args.min_size, tile_size=args.tile_size, targets=args.targets,
+        mean=architecture.input_mean or ModelConfig.mean, std=architecture.input_std or ModelConfig.std,
     )
     check_config(config, "train options")
     expected_weights(config)  # the builder accepts --arch-kwargs (names and values)
@@ -312,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--optimizer", default="adamw", choices=["adamw", "amsgrad"])
     tr.add_argument("--min-size", type=int, default=400, help="default smallest object for this model, image pixels")
     tr.add_argument("--tile-size", type=int, default=384, help="default inference tile side for this model, network pixels")
+    tr.add_argument("--targets", default="outer", choices=["outer", "inner"],
+                    help="boundary class outside every object (older models) or inside it (foreground = objects)")
+    tr.add_argument("--glass", type=float, default=0.0,
+                    help="share of training crops given a tissue edge next to blank glass (0-1)")
+    tr.add_argument("--no-pretrained", action="store_true",
+                    help="start from random weights even where the architecture has ImageNet weights")
     tr.add_argument("--val-fraction", type=float, default=0.2)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto")

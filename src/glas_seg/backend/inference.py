@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from .image_io import to_float_rgb
-from .postprocess import instances_from_probabilities, resize_labels
+from .postprocess import instances_from_probabilities, labels_at_full_resolution, resize_labels
 from .models import get_architecture
 from .registry import LoadedModel
 from .validate import check_segment_options
@@ -263,9 +263,10 @@ def segment(
     scale = model.config.scale
     min_size = model.config.min_size if min_size is None else min_size
     working_min_size = max(1, round(min_size * scale**2))
+    shape = np.asarray(image).shape[:2]
     if predicts_instances(model):
         labels, probabilities = predict_instances(model, image, min_size=working_min_size, **predict_kwargs)
-    else:
-        probabilities = predict_probabilities(model, image, **predict_kwargs)
-        labels = instances_from_probabilities(probabilities, min_size=working_min_size)
-    return Segmentation(resize_labels(labels, np.asarray(image).shape[:2]), probabilities)
+        return Segmentation(resize_labels(labels, shape), probabilities)
+    probabilities = predict_probabilities(model, image, **predict_kwargs)
+    labels = instances_from_probabilities(probabilities, min_size=working_min_size)
+    return Segmentation(labels_at_full_resolution(labels, 1.0 - probabilities[0], shape), probabilities)
