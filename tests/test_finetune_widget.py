@@ -150,9 +150,10 @@ def test_store_changes_reach_the_segment_dropdown(make_napari_viewer, qtbot, tin
 
 
 @pytest.mark.skipif(not os.environ.get("DISPLAY"), reason="needs an X display (xvfb-run)")
-def test_opening_the_widget_in_a_running_napari_does_not_crash():
+def test_opening_the_widget_in_a_running_napari_does_not_crash(tmp_path):
     """napari imports plugin widgets after its OpenGL canvas exists; importing torchvision then
-    loads Triton's LLVM next to Mesa's and the process segfaulted. Run it in a fresh process."""
+    loads Triton's LLVM next to Mesa's and the process segfaulted. Run it in a fresh process
+    (with its own napari settings file: the developer's window size and docks stay as they are)."""
     code = (
         "import napari\n"
         "viewer = napari.Viewer(show=True)\n"
@@ -161,6 +162,7 @@ def test_opening_the_widget_in_a_running_napari_does_not_crash():
         "print('opened', type(widget).__name__)\n"
         "viewer.close()\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "NAPARI_CONFIG": str(tmp_path / "napari_settings.yaml")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, f"exit code {run.returncode}: {run.stderr[-2000:]}"
     assert "opened FinetuneWidget" in run.stdout

@@ -253,11 +253,16 @@ def test_metrics_value_column_is_wide_enough(make_napari_viewer, qtbot):
     viewer.add_labels(pred, name="pred")
     metrics.ground_truth.value, metrics.prediction.value = viewer.layers["gt"], viewer.layers["pred"]
     assert run_and_wait(qtbot, metrics) == "done"
+    from qtpy.QtCore import QLocale
+
     table = metrics.table.native
+    shown = table.itemDelegate().displayText
+    assert shown(table.item(0, 0).text(), QLocale()) == "0.500"  # as formatted: was "0.5000"
     for column in range(table.columnCount()):
-        texts = [table.item(row, column).text() for row in range(table.rowCount())]
+        texts = [shown(table.item(row, column).text(), QLocale()) for row in range(table.rowCount())]
         widest = max(table.fontMetrics().horizontalAdvance(text) for text in texts)
         assert table.columnWidth(column) >= widest + 6
+    assert table.verticalScrollBar().maximum() == 0  # every row visible
 
 
 def test_metrics_adds_no_empty_error_layers_and_removes_stale_ones(make_napari_viewer, qtbot):

@@ -99,7 +99,7 @@ class MetricsWidget(Container):
         self.add_errors = CheckBox(text="Show false positives / negatives as layers", value=True)
         self.table = Table(value={"data": [], "index": [], "columns": []})
         self.table.read_only = True
-        self.table.min_height = 200
+        self._plain_table_text()
         self.export_csv = PushButton(text="Export CSV...", enabled=False)
         self.export_json = PushButton(text="Export JSON...", enabled=False)
         exports = Container(layout="horizontal", widgets=[self.export_csv, self.export_json], labels=False)
@@ -107,7 +107,7 @@ class MetricsWidget(Container):
                      self.table, exports])
         self.figure = Figure(figsize=(3.2, 3.0), tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(220)
+        self.canvas.setMinimumHeight(200)
         self.canvas.setVisible(False)
         self.native.layout().addWidget(self.canvas)
         dock_as_tab(self.native)
@@ -239,13 +239,28 @@ class MetricsWidget(Container):
         style_figure(self.figure, self.viewer)
         self.canvas.draw_idle()
 
-    def _fit_table_columns(self) -> None:
-        """Widen the value columns to their text (the row titles keep theirs)."""
-        from qtpy.QtWidgets import QHeaderView
+    def _plain_table_text(self) -> None:
+        """Show the table's text as :func:`format_value` wrote it.
 
-        header = self.table.native.horizontalHeader()
-        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        self.table.native.verticalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        magicgui's Table reformats every number-like text with 4 decimals ("1.0000", "5.000e-02").
+        """
+        from qtpy.QtWidgets import QHeaderView, QStyledItemDelegate
+
+        table = self.table.native
+        table.setItemDelegate(QStyledItemDelegate(table))
+        table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        table.horizontalHeader().setStretchLastSection(True)
+        rows = table.verticalHeader()
+        rows.setMinimumSectionSize(table.fontMetrics().height() + 4)
+        rows.setDefaultSectionSize(table.fontMetrics().height() + 4)  # compact rows: all 18 fit a tab
+        self.table.min_height = 200
+
+    def _fit_table_columns(self) -> None:
+        """Columns as wide as their text; every row visible without scrolling where it fits a tab."""
+        table = self.table.native
+        table.resizeColumnsToContents()
+        rows = table.verticalHeader().length() + table.horizontalHeader().height() + 2 * table.frameWidth()
+        self.table.min_height = min(max(rows, 200), 400)
 
     def _write_errors(self, source: Labels, data, ids: dict, what: str, colour: str) -> None:
         """A new (or our own, unedited) Labels layer with the listed objects of ``source``.
