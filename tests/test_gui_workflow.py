@@ -243,6 +243,13 @@ def test_segment_status_follows_edits_of_the_result(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: segment.status.value == f"glas_train_12 glands: {count} glands", timeout=5000)
     viewer.layers.remove(result)
     assert "removed" in segment.status.value
+    # A closed Segment dock does not break edits of its last result.
+    assert run_and_wait(qtbot, segment) == "done"
+    result = viewer.layers["glas_train_12 glands"]
+    viewer.window.remove_dock_widget(segment.native.parentWidget())
+    QApplication.processEvents()
+    result.data = np.zeros_like(result.data)
+    qtbot.wait(300)
 
 
 def test_metrics_value_column_is_wide_enough(make_napari_viewer, qtbot):

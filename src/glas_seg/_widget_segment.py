@@ -263,7 +263,10 @@ class SegmentWidget(Container):
             (event.connect if on else event.disconnect)(self._result_edited)
 
     def _result_edited(self, _event=None) -> None:
-        self._recount_timer.start()  # one recount after a burst of edits
+        try:
+            self._recount_timer.start()  # one recount after a burst of edits
+        except RuntimeError:  # the dock was closed: its Qt objects are gone, the layer lives on
+            pass
 
     def _update_result_status(self) -> None:
         result = self._result
