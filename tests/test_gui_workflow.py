@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from conftest import run_and_wait
 from qtpy.QtWidgets import QApplication
+from test_metrics_widget import squares  # ground truth: two squares; prediction: 1 TP, 1 FP, 1 FN
 
 from glas_seg._dock import glas_seg_docks
-from glas_seg._sample_data import glas_sample
 from glas_seg._layers import FALSE_NEGATIVES, PROBABILITY, role
+from glas_seg._sample_data import glas_sample
 from glas_seg._widget_edit import EditWidget
 from glas_seg._widget_finetune import FinetuneWidget
 from glas_seg._widget_metrics import MetricsWidget
@@ -29,15 +30,6 @@ def open_all(viewer) -> dict:
     for _ in range(5):
         QApplication.processEvents()
     return widgets
-
-
-def squares():
-    """Ground truth: two squares. Prediction: the first shifted, a false blob, the second missed."""
-    gt = np.zeros((40, 40), np.int32)
-    gt[5:15, 5:15], gt[5:15, 25:35] = 1, 2
-    pred = np.zeros_like(gt)
-    pred[7:17, 5:15], pred[30:34, 30:34] = 300, 301
-    return pred, gt
 
 
 # -- point 1: silent wrong input ---------------------------------------------------------------------
