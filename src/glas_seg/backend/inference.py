@@ -11,7 +11,9 @@ import torch
 from torch.nn import functional as F
 
 from .image_io import to_float_rgb
-from .postprocess import instances_from_probabilities, labels_at_full_resolution, resize_labels
+from .postprocess import instances_from_probabilities, labels_at_full_resolution, remove_small_labels, resize_labels
+from .tissue import fill_glass, glass_mask
+from skimage.segmentation import relabel_sequential
 from .models import get_architecture
 from .registry import LoadedModel
 from .validate import check_segment_options
@@ -241,6 +243,7 @@ def segment(
     model: LoadedModel,
     image: np.ndarray,
     min_size: int | None = None,
+    mask_glass: bool = True,
     **predict_kwargs,
 ) -> Segmentation:
     """Instance labels for a 2D image: tiled prediction, then watershed post-processing (or,
@@ -251,6 +254,10 @@ def segment(
     image : ndarray, shape ``(H, W[, C])``
     min_size : int, optional
         Smallest object kept, in pixels of the input image (default: the model's).
+    mask_glass : bool
+        Find blank glass reaching the image border (:func:`.tissue.glass_mask`), show the
+        network mirrored tissue there instead, and keep it background. Models trained inside
+        tissue otherwise lose the glands at a tissue edge.
     **predict_kwargs
         Passed to :func:`predict_probabilities` (tile_size, overlap, tta, progress, cancel...).
 
@@ -264,9 +271,19 @@ def segment(
     min_size = model.config.min_size if min_size is None else min_size
     working_min_size = max(1, round(min_size * scale**2))
     shape = np.asarray(image).shape[:2]
+    glass = None
+    if mask_glass:
+        rgb = to_float_rgb(image)
+        glass = glass_mask(rgb)
+        image = fill_glass(rgb, glass) if glass.any() else rgb
     if predicts_instances(model):
         labels, probabilities = predict_instances(model, image, min_size=working_min_size, **predict_kwargs)
-        return Segmentation(resize_labels(labels, shape), probabilities)
-    probabilities = predict_probabilities(model, image, **predict_kwargs)
-    labels = instances_from_probabilities(probabilities, min_size=working_min_size)
-    return Segmentation(labels_at_full_resolution(labels, 1.0 - probabilities[0], shape), probabilities)
+        labels = resize_labels(labels, shape)
+    else:
+        probabilities = predict_probabilities(model, image, **predict_kwargs)
+        labels = instances_from_probabilities(probabilities, min_size=working_min_size)
+        labels = labels_at_full_resolution(labels, 1.0 - probabilities[0], shape)
+    if glass is not None and glass.any():
+        labels[glass] = 0
+        labels = relabel_sequential(remove_small_labels(labels, min_size))[0].astype(np.int32)
+    return Segmentation(labels, probabilities)

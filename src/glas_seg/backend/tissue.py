@@ -1,0 +1,104 @@
+"""Blank glass next to tissue: finding it, and hiding it from networks that never saw it.
+
+Gland models are trained on crops from inside tissue. Next to blank glass they take the pale
+mucin of a cut gland for glass and drop half the gland (measured: object F1 0.79 -> 0.70 on the
+validation images placed on glass). :func:`glass_mask` finds the glass and :func:`fill_glass`
+replaces it with the tissue mirrored across the tissue edge, so that the network sees tissue
+continuing as it does at an image border; the glass is then background in the result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+__all__ = ["glass_mask", "fill_glass"]
+
+
+def glass_mask(
+    rgb: np.ndarray,
+    *,
+    brightness: float = 0.8,
+    saturation: float = 0.1,
+    flatness: float = 0.03,
+    min_fraction: float = 0.02,
+    touching_border: bool = True,
+) -> np.ndarray:
+    """Where an H&E image shows blank glass.
+
+    Glass is bright, unsaturated and flat (almost no texture over 7x7 pixels), in regions that
+    cover at least ``min_fraction`` of the image. Gland lumens are bright and flat too, but
+    they are surrounded by tissue: with ``touching_border`` (the default, for images cut from
+    a slide) only regions that reach the image border count as glass.
+
+    Parameters
+    ----------
+    rgb : ndarray of float, shape ``(H, W, 3)``, values in ``[0, 1]``
+    brightness : float
+        Smallest mean of the three channels on glass.
+    saturation : float
+        Largest ``max - min`` over the channels on glass.
+    flatness : float
+        Largest local standard deviation of the grey level on glass.
+    min_fraction : float
+        Smallest glass region, as a fraction of the image's pixels.
+    touching_border : bool
+        Keep only regions that touch the image border.
+
+    Returns
+    -------
+    glass : ndarray of bool, shape ``(H, W)``
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[-1] != 3:
+        raise ValueError(f"Expected an (H, W, 3) image, got shape {rgb.shape}")
+    grey = rgb.mean(-1, dtype=np.float32)
+    spread = rgb.max(-1) - rgb.min(-1)
+    mean = ndi.uniform_filter(grey, 7)
+    local_std = np.sqrt(np.maximum(ndi.uniform_filter(grey * grey, 7) - mean * mean, 0))
+    candidate = (grey > brightness) & (spread < saturation) & (local_std < flatness)
+    # Opening drops the single bright pixels scattered through tissue.
+    candidate = ndi.binary_opening(candidate, iterations=2)
+    regions, count = ndi.label(candidate)
+    if count == 0:
+        return candidate
+    keep = np.bincount(regions.ravel(), minlength=count + 1) >= min_fraction * grey.size
+    if touching_border:
+        on_border = np.zeros(count + 1, bool)
+        on_border[np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]])] = True
+        keep &= on_border
+    keep[0] = False
+    return keep[regions]
+
+
+def fill_glass(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
+    """Replace glass pixels with the tissue mirrored across the nearest tissue edge.
+
+    A glass pixel ``p`` whose nearest tissue pixel is ``q`` takes the value at ``2q - p`` (the
+    reflection a network sees at a reflect-padded image border), or at ``q`` where the
+    reflection falls outside the image or on glass.
+
+    Parameters
+    ----------
+    rgb : ndarray, shape ``(H, W, 3)``
+    glass : ndarray of bool, shape ``(H, W)``
+
+    Returns
+    -------
+    ndarray, shape and dtype of ``rgb`` (a copy; ``rgb`` itself when there is no glass or no tissue)
+    """
+    if glass.shape != rgb.shape[:2]:
+        raise ValueError(f"glass mask {glass.shape} and image {rgb.shape[:2]} differ in shape")
+    if not glass.any() or glass.all():
+        return rgb
+    _, (near_y, near_x) = ndi.distance_transform_edt(glass, return_indices=True)
+    rows, cols = np.nonzero(glass)
+    qy, qx = near_y[rows, cols], near_x[rows, cols]
+    my, mx = 2 * qy - rows, 2 * qx - cols
+    inside = (my >= 0) & (my < glass.shape[0]) & (mx >= 0) & (mx < glass.shape[1])
+    my, mx = np.where(inside, my, qy), np.where(inside, mx, qx)
+    on_glass = glass[my, mx]
+    my, mx = np.where(on_glass, qy, my), np.where(on_glass, qx, mx)
+    out = rgb.copy()
+    out[rows, cols] = rgb[my, mx]
+    return out
