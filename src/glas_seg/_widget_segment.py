@@ -88,10 +88,13 @@ class SegmentWidget(Container):
         self.tile_size = SpinBox(label="Tile size", min=64, max=2048, step=32, value=384, visible=False)
         self.overlap = FloatSpinBox(label="Tile overlap", min=0.0, max=0.75, step=0.05, value=0.25, visible=False)
         self.tta = CheckBox(text="Flip test-time augmentation", value=False, visible=False)
+        self.mask_glass = CheckBox(text="Blank glass is background", value=True, visible=False,
+                                   tooltip="Find blank glass at the image border, show the model mirrored "
+                                           "tissue there and keep it background (glands at tissue edges)")
         self.min_size = SpinBox(label="Min object size (px)", min=0, max=100000, step=50, value=400, visible=False)
         self.extend([
             self.image, self.model, self.mode, self.device, self.planes, self.probabilities, self.advanced,
-            self.tile_size, self.overlap, self.tta, self.min_size, *self.panel.widgets,
+            self.tile_size, self.overlap, self.tta, self.mask_glass, self.min_size, *self.panel.widgets,
         ])
         dock_as_tab(self.native)
         self._recount_timer = QTimer(self.native)
@@ -142,7 +145,7 @@ class SegmentWidget(Container):
             self.image.value = self._image_layers()[-1]
 
     def _toggle_advanced(self, show: bool) -> None:
-        for widget in (self.tile_size, self.overlap, self.tta, self.min_size):
+        for widget in (self.tile_size, self.overlap, self.tta, self.mask_glass, self.min_size):
             widget.visible = show
 
     def _apply_model_defaults(self, _value=None) -> None:
@@ -191,7 +194,8 @@ class SegmentWidget(Container):
             planes = [tuple(int(i) for i in step)]
         else:
             planes = all_planes(data.shape, rgb) if stack_shape else [()]
-        options = dict(tile_size=self.tile_size.value, overlap=self.overlap.value, tta=self.tta.value)
+        options = dict(tile_size=self.tile_size.value, overlap=self.overlap.value, tta=self.tta.value,
+                       mask_glass=self.mask_glass.value)
         model_name, device, min_size = self.model.value, self.device.value, self.min_size.value
         mode = self.mode.value if self._has_modes else None
         want_probs = self.probabilities.value

@@ -60,7 +60,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             try:
                 image = read_image(path)
                 result = segment(model, image, min_size=args.min_size, tile_size=args.tile_size,
-                                 overlap=args.overlap, tta=args.tta)
+                                 overlap=args.overlap, tta=args.tta, mask_glass=not args.keep_glass)
                 replaced = target.is_file()
                 # Temporary name, then rename: an interrupted run never leaves half a label map.
                 write_file(target, lambda tmp: tifffile.imwrite(tmp, result.labels, compression="zlib"), "label map")
@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, help="tile overlap fraction (default: %(default)s)")
     seg.add_argument("--min-size", type=int, default=None, help="smallest object kept, in image pixels")
     seg.add_argument("--tta", action="store_true", help="average over flips (slower, slightly better)")
+    seg.add_argument("--keep-glass", action="store_true",
+                     help="do not treat blank glass at the image border as background (it is by default)")
     seg.add_argument("--mode", default=None, choices=["accurate", "fast"],
                      help="inference mode of models that have several (U-Net++: average the heads or one pruned head)")
     seg.set_defaults(func=cmd_segment)

@@ -108,6 +108,7 @@ def segment(
     overlap: float = DEFAULT_OVERLAP,
     tta: bool = False,
     min_size: int | None = None,
+    mask_glass: bool = True,
     progress: ProgressCallback | None = None,
     cancel: CancelToken = None,
 ) -> "Segmentation":
@@ -141,6 +142,9 @@ def segment(
         instance networks (Mask R-CNN).
     min_size : int, optional
         Smallest object kept, in pixels of ``image`` (default: the model's, 400 for glands).
+    mask_glass : bool, default True
+        Treat blank glass reaching the image border as background, and show the network
+        mirrored tissue there (glands at a tissue edge are otherwise lost; docs/models.md).
     progress : callable ``progress(done, total)``, optional
         Called after each batch of tiles (see docs/progress.md).
     cancel : threading.Event or callable returning bool, optional
@@ -186,8 +190,8 @@ def segment(
 
     if tta and predicts_instances(loaded):
         raise GlasSegError(f"tta does not apply to {loaded.config.architecture} models (they detect instances directly)")
-    return _segment(loaded, image, min_size=min_size, tile_size=tile_size, overlap=overlap, tta=tta,
-                    progress=progress, cancel=cancel)
+    return _segment(loaded, image, min_size=min_size, mask_glass=mask_glass, tile_size=tile_size,
+                    overlap=overlap, tta=tta, progress=progress, cancel=cancel)
 
 
 def _label_map(value: ArrayOrPath, what: str) -> np.ndarray:
