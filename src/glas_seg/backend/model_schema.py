@@ -32,6 +32,9 @@ SCALE_RANGE = (0.05, 4.0)
 # Tile side in network pixels: below 16 no network here has room for one stride-16 feature;
 # above 8192 one tile of a U-Net needs tens of GB.
 TILE_RANGE = (16, 8192)
+# Micrometres per input pixel: 0.05 is beyond any light microscope's sampling, 20 is a 0.5x
+# overview; outside that range the number is a unit mistake (nm, mm) rather than a pixel size.
+MPP_RANGE = (0.05, 20.0)
 # Pixel classifiers output background / interior / boundary, which the watershed reads by index.
 PIXEL_CLASSES = 3
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -39,10 +42,10 @@ FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 # Field annotations (strings, from ``from __future__ import annotations``) -> accepted JSON types.
 _TYPES: dict[str, tuple[type, ...]] = {
     "str": (str,), "str | None": (str, type(None)), "dict": (dict,), "float": (Real,), "int": (Integral,),
-    "tuple": (list, tuple), "bool": (bool,),
+    "tuple": (list, tuple), "bool": (bool,), "float | None": (Real, type(None)),
 }
 _TYPE_WORDS = {"str": "a string", "str | None": "a string or null", "dict": "an object", "float": "a number",
-               "int": "an integer", "tuple": "a list", "bool": "true or false"}
+               "int": "an integer", "tuple": "a list", "bool": "true or false", "float | None": "a number or null"}
 
 
 def _type_fault(key: str, value: Any, annotation: str) -> str | None:
@@ -139,6 +142,8 @@ def config_faults(data: Mapping[str, Any]) -> list[str]:
             faults.append(f"arch_kwargs num_classes {classes!r} differs from the {len(names)} class_names")
     if check("tile_size"):
         faults.append(_range_fault("tile_size", data["tile_size"], *TILE_RANGE))
+    if check("mpp") and data["mpp"] is not None:
+        faults.append(_range_fault("mpp", data["mpp"], *MPP_RANGE))
     if check("min_size") and data["min_size"] < 0:
         faults.append(f"min_size {data['min_size']} must be 0 or more")
     return [fault for fault in faults if fault]
