@@ -36,7 +36,7 @@ def test_imagenet_weights_are_pinned_and_label_a_cat_as_a_cat():
 
 def test_encoder_state_covers_the_whole_encoder_and_nothing_else():
     network = build_architecture("efficientnet_unet")
-    state = pretrained_encoder_state("efficientnet_unet")
+    state = pretrained_encoder_state("efficientnet_unet", network)
     result = network.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
     assert all(not k.startswith("net.encoder.") for k in result.missing_keys)
@@ -49,7 +49,7 @@ def test_registry_facts():
     assert spec.input_mean == pytest.approx((127 / 255,) * 3)
     assert all(a.builder.count(":") == 1 for a in ARCHITECTURES.values())
     # Seed architectures have no ImageNet weights: training them starts from random ones.
-    assert pretrained_encoder_state("unet") is None
+    assert pretrained_encoder_state("unet", build_architecture("unet")) is None
 
 
 def test_tiled_inference_on_an_odd_sized_image():
@@ -69,6 +69,6 @@ def test_training_starts_from_the_imagenet_encoder(tmp_path, touching_squares):
                              warmup=1, device="cpu", freeze_norm=True)
     model, _ = train(config, settings, [Sample("a", image, touching_squares)], [], tmp_path)
     weights = model.network.state_dict()
-    for key, value in list(pretrained_encoder_state("efficientnet_unet").items())[:20]:
+    for key, value in list(pretrained_encoder_state("efficientnet_unet", model.network).items())[:20]:
         if value.is_floating_point():
             assert torch.allclose(weights[key], value, atol=1e-5), key

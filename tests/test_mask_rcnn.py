@@ -204,3 +204,28 @@ def test_finetune_a_mask_rcnn_model_with_a_corrected_region(tmp_path):
     assert loaded.config.architecture == "mask_rcnn" and loaded.config.base_model == "mrcnn-base"
     assert result.entry.source == "user"
     assert segment(loaded, sample.image).labels.shape == (96, 96)
+
+
+def test_efficientnet_backbone_starts_from_imagenet_with_frozen_batch_norm(one_torch_thread):
+    from glas_seg.backend.models import pretrained_encoder_state
+
+    network = build_architecture("mask_rcnn", backbone="efficientnet_lite0", fpn_channels=16)
+    state = pretrained_encoder_state("mask_rcnn", network)
+    assert state and all(k.startswith("detector.backbone.body.") for k in state)
+    assert not network.load_state_dict(state, strict=False).unexpected_keys
+    # Frozen batch norm: no trainable scale/shift and statistics that training does not move.
+    norm = network.detector.backbone.body.bn1
+    assert not any(p.requires_grad for p in norm.parameters(recurse=False))
+    before = norm.running_mean.clone()
+    network.train()
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.zeros(2, 64, 64, dtype=torch.int64)
+    labels[:, 10:30, 10:30] = 1
+    loss = network(images, labels)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and torch.equal(norm.running_mean, before)
+    network.eval()
+    with torch.no_grad():
+        assert isinstance(network(images), list)
+    # The from-scratch ResNet has no pretrained weights.
+    assert pretrained_encoder_state("mask_rcnn", build_architecture("mask_rcnn", fpn_channels=16)) is None

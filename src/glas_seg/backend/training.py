@@ -229,7 +229,7 @@ def train(
     elif init_state is not None:
         network.load_state_dict(init_state)
     elif settings.pretrained:
-        encoder = pretrained_encoder_state(config.architecture)
+        encoder = pretrained_encoder_state(config.architecture, network)
         if encoder is not None:
             network.load_state_dict(encoder, strict=False)
 

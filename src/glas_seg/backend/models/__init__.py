@@ -36,10 +36,16 @@ class Architecture:
     inference_modes : tuple of str
         Modes selectable after loading with ``network.set_mode`` (empty: none).
     pretrained_encoder : str or None
-        ``"module:function"`` returning ImageNet weights for the encoder (applied before training
-        from scratch, never at load time), or None when the architecture trains from random weights.
+        ``"module:function"``: ``function(network)`` returns ImageNet weights for the network's
+        encoder keyed as in its state dict, or None when this network (as its builder arguments
+        made it) has no pretrained encoder. Applied before training from scratch, never at load
+        time. None: the architecture always trains from random weights.
     input_mean, input_std : tuple of 3 floats or None
         Normalisation of RGB in ``[0, 1]`` the pretrained encoder expects (None: glas-seg's default).
+    encoder_params, head_params : str
+        Regular expressions (``re.match`` on state-dict names) for the encoder (backbone, up to
+        the bottleneck) and the output layer(s); fine-tuning trains "all", everything but the
+        encoder ("decoder") or only the head (``FinetuneSettings.layers``).
     paper : str
     """
 
@@ -51,23 +57,33 @@ class Architecture:
     pretrained_encoder: str | None = None
     input_mean: tuple[float, float, float] | None = None
     input_std: tuple[float, float, float] | None = None
+    encoder_params: str = r"encoder\."
+    head_params: str = r"head\."
     paper: str = ""
 
 
 _TABLE = (
     Architecture("unet", "unet:unet", paper="Ronneberger et al., MICCAI 2015"),
     Architecture("unet_plus_plus", "unet_plus_plus:unet_plus_plus", training_output="logits+aux",
-                 inference_modes=("accurate", "fast"), paper="Zhou et al., DLMIA 2018"),
+                 inference_modes=("accurate", "fast"), encoder_params=r"nodes\.\d+\.0\.", head_params=r"heads\.",
+                 paper="Zhou et al., DLMIA 2018"),
     Architecture("residual_unet", "residual_unet:residual_unet", paper="Alom et al., 2018 (R2U-Net)"),
-    Architecture("kidney_segnet", "kidney_segnet:kidney_segnet", paper="Mehta et al., 2019 (Kidney-SegNet)"),
+    Architecture("kidney_segnet", "kidney_segnet:kidney_segnet", encoder_params=r"(stem|encoder)\.",
+                 paper="Mehta et al., 2019 (Kidney-SegNet)"),
     Architecture("micronet", "micronet:micronet", training_output="logits+aux",
+                 encoder_params=r"(encoder|bridge)\.", head_params=r"(aux_heads|head)\.",
                  paper="Raza et al., Medical Image Analysis 2019 (Micro-Net)"),
     Architecture("mask_rcnn", "mask_rcnn:mask_rcnn", predicts_instances=True, training_output="loss",
+                 pretrained_encoder="mask_rcnn:imagenet_backbone_state",
+                 input_mean=(127 / 255,) * 3, input_std=(128 / 255,) * 3,
+                 encoder_params=r"detector\.backbone\.body\.",
+                 head_params=r"detector\.(roi_heads\.(box|mask)_predictor|rpn\.head)\.",
                  paper="He et al., ICCV 2017"),
     Architecture("efficientnet_unet", "efficientnet_unet:efficientnet_unet",
                  pretrained_encoder="efficientnet_unet:imagenet_encoder_state",
                  # (x - 127) / 128 on 8-bit values, as the ImageNet weights were trained.
                  input_mean=(127 / 255,) * 3, input_std=(128 / 255,) * 3,
+                 encoder_params=r"net\.encoder\.", head_params=r"net\.segmentation_head\.",
                  paper="Ronneberger et al. 2015 decoder on Tan & Le, ICML 2019 (EfficientNet-Lite0) encoder"),
 )
 
@@ -105,8 +121,8 @@ def build_architecture(name: str, **kwargs):
         raise GlasSegError(f"Bad arguments for architecture {name}: {exc}") from None
 
 
-def pretrained_encoder_state(name: str) -> dict | None:
-    """ImageNet weights for an architecture's encoder, keyed as in its network's state dict,
-    or None when the architecture has none."""
+def pretrained_encoder_state(name: str, network) -> dict | None:
+    """ImageNet weights for the encoder of ``network`` (built for architecture ``name``), keyed
+    as in its state dict, or None when it has none."""
     reference = get_architecture(name).pretrained_encoder
-    return _resolve(reference)() if reference else None
+    return _resolve(reference)(network) if reference else None

