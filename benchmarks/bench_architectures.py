@@ -32,6 +32,9 @@ ROWS = [
     ("residual_unet", {}),
     ("kidney_segnet", {}),
     ("micronet", {}),
+    ("mask_rcnn", {}),
+    ("mask_rcnn", {"backbone": "efficientnet_lite0"}),
+    ("efficientnet_unet", {}),
 ]
 
 
