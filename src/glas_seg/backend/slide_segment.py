@@ -1,0 +1,513 @@
+"""Segmenting a whole slide in bounded memory.
+
+A slide is cut into chunks (a core plus a halo of context on every side), on a grid in the
+slide's base-level pixels. Only chunks whose core holds tissue are read: tissue is found once
+on a low-resolution thumbnail with :func:`.tissue.glass_mask`, so a blank slide ends almost at
+once. Each chunk is read at the pyramid level nearest the model's pixel size, resampled to it,
+segmented with :func:`.inference.segment` and its objects are painted into an on-disk zarr
+label store at base-level resolution. Nothing whole-slide sized is ever in memory: one chunk's
+pixels, its label window in the store, and a table of objects (area, box, probability sum).
+
+Objects across chunk borders follow the rule of :mod:`.stitching`: each chunk *owns* its core.
+A whole object (not cut by the chunk's edge) is kept only by the chunk whose core holds the
+centre of its box, where it is seen with the most context; an object cut by the chunk's edge
+is kept when it reaches into the core, and it joins the object already in the store that it
+overlaps by at least ``min_overlap`` of the smaller of the two (a gland crossing a border keeps
+one id); objects never overwrite each other's pixels.
+
+The store holds a manifest of the chunks done, written after each chunk, so a run interrupted
+(or cancelled) resumes where it stopped when it is started again with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .checkpoint import atomic_write, model_mpp
+from .errors import GlasSegError
+from .progress import CancelToken, Cancelled, ProgressCallback, check_callbacks, raise_if_cancelled
+from .slide import SlideReader, open_slide, thumbnail
+
+__all__ = ["tissue_mask", "chunk_grid", "segment_slide", "SlideSegmentation", "open_labels", "STORE_CHUNK"]
+
+#: Side of the zarr label store's chunks, in base-level pixels.
+STORE_CHUNK = 1024
+MANIFEST = "glas_seg_manifest.json"
+#: Thumbnail pixel size for tissue detection: cells vanish, tissue texture stays.
+TISSUE_MPP = 8.0
+
+
+@dataclass
+class SlideSegmentation:
+    """Result of :func:`segment_slide`.
+
+    store : Path
+        The zarr group: arrays ``"0"`` (base level, uint32 ``(H, W)`` of the region), ``"1"``...
+        (each half the previous, nearest id) for display.
+    origin : (y, x)
+        Top-left corner of the region in base-level pixels of the slide.
+    shape : (H, W)
+        Size of the region in base-level pixels.
+    mpp : float
+        Micrometres per base-level pixel (the slide's, ``mpp=`` or the model's when unknown).
+    objects : dict
+        Per object id (int): ``area`` (base-level px), ``box`` ``[y0, x0, y1, x1]`` in the
+        region, ``probability`` (mean foreground probability).
+    chunks : int
+        Chunks on the grid; ``chunks_with_tissue`` of them were segmented.
+    seconds : float
+        Wall time of this call (a resumed run counts only its own part).
+    """
+
+    store: Path
+    origin: tuple[int, int]
+    shape: tuple[int, int]
+    mpp: float
+    objects: dict = field(default_factory=dict)
+    chunks: int = 0
+    chunks_with_tissue: int = 0
+    seconds: float = 0.0
+
+    def labels(self, level: int = 0):
+        """The label array of one pyramid level (a lazy zarr array; index it to read)."""
+        return open_labels(self.store)[level]
+
+
+def open_labels(store: str | Path) -> list:
+    """The label pyramid of a store written by :func:`segment_slide`: zarr arrays, base first."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="r")
+    levels = int(group.attrs.get("levels", 1))
+    return [group[str(i)] for i in range(levels)]
+
+
+# -- tissue --------------------------------------------------------------------------------------
+
+def tissue_mask(
+    reader: SlideReader,
+    mpp: float | None = None,
+    min_area_um2: float = 5_000.0,
+    margin_um: float = 32.0,
+) -> tuple[np.ndarray, float]:
+    """Where a slide has tissue, on a thumbnail of about :data:`TISSUE_MPP` um per pixel.
+
+    Tissue is everything :func:`.tissue.glass_mask` does not call glass (bright, unsaturated,
+    flat), anywhere on the slide (not only at the border), less specks smaller than
+    ``min_area_um2`` (dust, pen dots), grown by ``margin_um`` so that pale tissue edges are
+    not cut off.
+
+    Parameters
+    ----------
+    reader : SlideReader
+    mpp : float, optional
+        Base-level pixel size (default: the slide's; 0.5 when unknown).
+    min_area_um2 : float
+        Smallest piece of tissue kept (default 0.005 mm^2, about one small gland).
+    margin_um : float
+
+    Returns
+    -------
+    tissue : bool ndarray ``(h, w)``
+    downsample : float
+        Base-level pixels per mask pixel.
+    """
+    from .tissue import glass_mask
+
+    mpp = mpp or reader.mpp or 0.5
+    small, downsample = thumbnail(reader, max(1.0, TISSUE_MPP / mpp))
+    pixel_um = mpp * downsample
+    # Glass anywhere (touching_border=False), in regions of at least ~0.1 mm^2 (lumens and
+    # pale stroma inside tissue are far smaller at this resolution).
+    min_fraction = min(0.5, 100_000.0 / pixel_um**2 / max(1, small.shape[0] * small.shape[1]))
+    glass = glass_mask(small.astype(np.float32) / 255, touching_border=False, min_fraction=min_fraction)
+    tissue = ~glass
+    regions, count = ndi.label(tissue)
+    if count:
+        areas = np.bincount(regions.ravel(), minlength=count + 1) * pixel_um**2
+        keep = areas >= min_area_um2
+        keep[0] = False
+        tissue = keep[regions]
+    grow = int(math.ceil(margin_um / pixel_um))
+    if grow and tissue.any():
+        tissue = ndi.binary_dilation(tissue, iterations=grow)
+    return tissue, downsample
+
+
+# -- chunks --------------------------------------------------------------------------------------
+
+def chunk_grid(shape: tuple[int, int], core: int) -> list[tuple[int, int, int, int]]:
+    """Cores ``(y0, y1, x0, x1)`` tiling a region of ``shape`` with squares of side ``core``
+    (the last row and column are smaller)."""
+    if core < 1:
+        raise GlasSegError(f"chunk size must be at least 1 pixel, not {core}")
+    h, w = shape
+    return [(y, min(y + core, h), x, min(x + core, w)) for y in range(0, h, core) for x in range(0, w, core)]
+
+
+def _has_tissue(tissue: np.ndarray, downsample: float, origin, box) -> bool:
+    y0, y1, x0, x1 = box
+    oy, ox = origin
+    r0, r1 = int((oy + y0) // downsample), int(math.ceil((oy + y1) / downsample))
+    c0, c1 = int((ox + x0) // downsample), int(math.ceil((ox + x1) / downsample))
+    return bool(tissue[r0:r1, c0:c1].any())
+
+
+def _resample(rgb: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear (antialiased when shrinking) resize of a uint8 RGB image to ``shape``."""
+    if rgb.shape[:2] == tuple(shape):
+        return rgb
+    import torch
+    from torch.nn import functional as F
+
+    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float()
+    shrink = shape[0] < rgb.shape[0]
+    y = F.interpolate(x, size=tuple(shape), mode="bilinear", align_corners=False, antialias=shrink)
+    return y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+
+
+# -- objects of one chunk ------------------------------------------------------------------------
+
+def chunk_pieces(labels: np.ndarray, window: tuple[int, int, int, int], core: tuple[int, int, int, int],
+                 region_shape: tuple[int, int]) -> list[tuple[int, tuple[slice, slice], bool]]:
+    """The objects of one chunk that this chunk keeps.
+
+    Parameters
+    ----------
+    labels : int ndarray ``(h, w)``
+        The chunk's labels over ``window``, in base-level pixels.
+    window, core : (y0, y1, x0, x1)
+        Where the labels lie, and the part of the region the chunk owns (region coordinates).
+    region_shape : (H, W)
+        Window edges on the region's border cut nothing.
+
+    Returns
+    -------
+    list of ``(id, box, cut)``: an id of ``labels``, its bounding box (slices into ``labels``),
+    and whether the chunk's edge cuts it.
+    """
+    wy0, wy1, wx0, wx1 = window
+    h, w = labels.shape
+    kept = []
+    for index, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None:
+            continue
+        r0, r1, c0, c1 = box[0].start, box[0].stop, box[1].start, box[1].stop
+        cut = bool((r0 == 0 and wy0 > 0) or (c0 == 0 and wx0 > 0)
+                   or (r1 == h and wy1 < region_shape[0]) or (c1 == w and wx1 < region_shape[1]))
+        if cut:
+            # Kept when it reaches into the core: the rest of it joins it from the neighbours.
+            mask = labels[box] == index
+            rows = slice(max(core[0] - wy0 - r0, 0), max(core[1] - wy0 - r0, 0))
+            cols = slice(max(core[2] - wx0 - c0, 0), max(core[3] - wx0 - c0, 0))
+            if not mask[rows, cols].any():
+                continue
+        else:
+            centre_y, centre_x = wy0 + (r0 + r1) / 2, wx0 + (c0 + c1) / 2
+            if not (core[0] <= centre_y < core[1] and core[2] <= centre_x < core[3]):
+                continue
+        kept.append((index, box, cut))
+    return kept
+
+
+def paint_pieces(window_labels: np.ndarray, chunk_labels: np.ndarray, pieces, objects: dict, next_id: int,
+                 offset: tuple[int, int], probabilities: dict | None = None, min_overlap: float = 0.3,
+                 min_size: int = 1) -> int:
+    """Paint a chunk's pieces into the store's window, merging with objects already there.
+
+    ``window_labels`` (the store's labels over the chunk's window, uint32) is changed in place;
+    ``objects`` (id -> ``{"area", "box", "p"}``) is updated. Whole pieces go first. A piece that
+    covers at least ``min_overlap`` of the part of an object already there that lies in this
+    window (or of itself) joins it; any
+    other piece of at least ``min_size`` pixels becomes a new object. Only background pixels
+    are painted. Returns the next free id.
+    """
+    oy, ox = offset
+    for index, box, cut in sorted(pieces, key=lambda p: p[2]):
+        mask = chunk_labels[box] == index
+        target_window = window_labels[box]
+        area = int(mask.sum())
+        under = target_window[mask]
+        ids, counts = np.unique(under[under > 0], return_counts=True)
+        target = None
+        if ids.size:
+            # Against the part of the object inside this window: a neighbour's piece of an object
+            # cut by a chunk edge overlaps this one only in the halo they share.
+            inside = [_pixels_in_window(window_labels, int(i), objects[int(i)]["box"], offset) for i in ids]
+            fractions = counts / np.minimum(area, inside)
+            best = int(np.argmax(fractions))
+            if fractions[best] >= min_overlap:
+                target = int(ids[best])
+        free = mask & (target_window == 0)
+        painted = int(free.sum())
+        if target is None:
+            if painted < min_size:
+                continue
+            target, next_id = next_id, next_id + 1
+            objects[target] = {"area": 0, "box": None, "p": [0.0, 0]}
+        if not painted:
+            continue
+        target_window[free] = target
+        entry = objects[target]
+        entry["area"] += painted
+        rows, cols = np.nonzero(free.any(1))[0], np.nonzero(free.any(0))[0]
+        b = entry["box"] or [math.inf, math.inf, -math.inf, -math.inf]
+        entry["box"] = [min(b[0], box[0].start + oy + int(rows[0])), min(b[1], box[1].start + ox + int(cols[0])),
+                        max(b[2], box[0].start + oy + int(rows[-1]) + 1), max(b[3], box[1].start + ox + int(cols[-1]) + 1)]
+        if probabilities is not None and index in probabilities:
+            mean = probabilities[index]
+            entry["p"][0] += mean * painted
+            entry["p"][1] += painted
+    return next_id
+
+
+def _pixels_in_window(window_labels: np.ndarray, index: int, box, offset) -> int:
+    """Pixels of object ``index`` (box ``[y0, x0, y1, x1]`` in region pixels) in the window."""
+    oy, ox = offset
+    y0, x0 = max(int(box[0]) - oy, 0), max(int(box[1]) - ox, 0)
+    return int(np.count_nonzero(window_labels[y0 : max(int(box[2]) - oy, 0), x0 : max(int(box[3]) - ox, 0)] == index))
+
+
+# -- the whole slide -----------------------------------------------------------------------------
+
+def _fingerprint(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_manifest(store: Path, manifest: dict) -> None:
+    atomic_write(store / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
+
+
+def _region_box(reader: SlideReader, region) -> tuple[int, int, int, int]:
+    """``(y, x, h, w)`` in base-level pixels from ``region = (x, y, w, h)`` or None (whole slide)."""
+    H, W = reader.shape
+    if region is None:
+        return 0, 0, H, W
+    try:
+        x, y, w, h = (int(v) for v in region)
+    except (TypeError, ValueError):
+        raise GlasSegError(f"region must be 4 integers x, y, width, height, not {region!r}") from None
+    if w < 16 or h < 16 or x < 0 or y < 0 or x + w > W or y + h > H:
+        raise GlasSegError(f"region x={x}, y={y}, {w} x {h} must lie inside the slide ({W} x {H} px) "
+                           "and be at least 16 px a side")
+    return y, x, h, w
+
+
+def segment_slide(
+    model,
+    slide: str | Path | SlideReader,
+    store: str | Path,
+    *,
+    mpp: float | None = None,
+    region: tuple[int, int, int, int] | None = None,
+    level: int | None = None,
+    chunk_size: int = 2048,
+    halo: int = 256,
+    min_size: int | None = None,
+    mask_glass: bool = True,
+    resume: bool = True,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken = None,
+    **predict_kwargs,
+) -> SlideSegmentation:
+    """Segment a whole slide (or a region of it) into an on-disk zarr label pyramid.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    slide : path or SlideReader
+    store : path
+        Folder of the zarr group to write (``<stem>_labels.zarr``). A store from an interrupted
+        run with the same settings is resumed; one with other settings is replaced.
+    mpp : float, optional
+        Micrometres per base-level pixel, overriding the slide's metadata. When neither gives
+        it, a warning says so and the model's own pixel size is assumed.
+    region : (x, y, width, height), optional
+        Base-level pixels; default the whole slide.
+    level : int, optional
+        Pyramid level to read (default: the coarsest at least as sharp as the model's pixel size).
+    chunk_size, halo : int
+        Core side and context on each side of a chunk, in pixels at the model's pixel size.
+    min_size : int, optional
+        Smallest object kept, in pixels at the model's pixel size (default: the model's).
+    mask_glass : bool
+        Passed to :func:`.inference.segment`: glass at a chunk's tissue edge stays background.
+    resume : bool
+        Continue a store left by an interrupted run (False: always start afresh).
+    progress : callable ``progress(done, total)``, optional
+        Called after each chunk with tissue; ``total`` is the number of such chunks.
+    cancel : threading.Event or callable, optional
+        Checked between chunks and between tile batches; :class:`.progress.Cancelled` is raised
+        and the store keeps the chunks finished so far (a later run resumes).
+    **predict_kwargs
+        tile_size, overlap, batch_size, tta for :func:`.inference.predict_probabilities`.
+
+    Returns
+    -------
+    SlideSegmentation
+    """
+    import zarr
+
+    from .inference import segment
+
+    check_callbacks(progress, cancel)
+    if chunk_size < 64 or halo < 0:
+        raise GlasSegError(f"chunk size must be at least 64 and halo at least 0, not {chunk_size} and {halo}")
+    if mpp is not None and not (0.05 <= mpp <= 20):
+        raise GlasSegError(f"mpp {mpp} is not a pixel size in micrometres (expected 0.05 to 20)")
+    start = time.perf_counter()
+    reader = open_slide(slide) if isinstance(slide, (str, Path)) else slide
+    try:
+        target_mpp = model_mpp(model.config)
+        slide_mpp = mpp or reader.mpp
+        if slide_mpp is None:
+            warnings.warn(f"{reader.path.name} does not record its pixel size; assuming the model's "
+                          f"{target_mpp} um/px (give --mpp if it differs)", stacklevel=2)
+            slide_mpp = target_mpp
+        if level is None:
+            level = reader.best_level(target_mpp / slide_mpp)
+        elif not 0 <= level < len(reader.levels):
+            raise GlasSegError(f"{reader.path.name} has levels 0 to {len(reader.levels) - 1}, not {level}")
+        d = reader.levels[level].downsample
+        # Base-level pixels per model pixel; a model pixel within 5 % of a base pixel is taken as
+        # equal, to spare a resampling that would only blur.
+        ratio = target_mpp / slide_mpp
+        if abs(d / ratio - 1) < 0.05:
+            ratio = d
+        oy, ox, H, W = _region_box(reader, region)
+        core = max(1, round(chunk_size * ratio))
+        margin = round(halo * ratio)
+        min_size = model.config.min_size if min_size is None else int(min_size)
+        base_min_size = max(1, round(min_size * ratio**2))
+        settings = {"slide": str(Path(reader.path).resolve()), "size": list(reader.shape), "model": model.config.name,
+                    "weights": model.config.to_json(), "mpp": slide_mpp, "region": [oy, ox, H, W],
+                    "level": level, "core": core, "margin": margin, "min_size": min_size, "mask_glass": mask_glass,
+                    "predict": {k: predict_kwargs[k] for k in sorted(predict_kwargs) if k not in ("progress", "cancel")}}
+        fingerprint = _fingerprint(settings)
+
+        store = Path(store)
+        manifest = None
+        if resume and (store / MANIFEST).is_file():
+            try:
+                manifest = json.loads((store / MANIFEST).read_text())
+            except (OSError, ValueError):
+                manifest = None
+            if manifest is not None and manifest.get("fingerprint") != fingerprint:
+                manifest = None
+        if manifest is None:
+            if store.exists():
+                if not store.is_dir() or (any(store.iterdir()) and not (store / MANIFEST).is_file()
+                                          and not (store / "zarr.json").is_file()):
+                    raise GlasSegError(f"{store} exists and is not a glas-seg label store; choose another output")
+                shutil.rmtree(store)
+            group = zarr.open_group(str(store), mode="w")
+            group.create_array("0", shape=(H, W), chunks=(STORE_CHUNK, STORE_CHUNK), dtype="uint32", fill_value=0)
+            manifest = {"fingerprint": fingerprint, "settings": settings, "done": [], "next_id": 1, "objects": {},
+                        "complete": False}
+            _write_manifest(store, manifest)
+        group = zarr.open_group(str(store), mode="a")
+        labels0 = group["0"]
+        objects = {int(k): v for k, v in manifest["objects"].items()}
+        done = set(manifest["done"])
+        next_id = manifest["next_id"]
+
+        tissue, tissue_downsample = tissue_mask(reader, slide_mpp)
+        cores = chunk_grid((H, W), core)
+        todo = [i for i, box in enumerate(cores) if _has_tissue(tissue, tissue_downsample, (oy, ox), box)]
+        finished = sum(1 for i in todo if i in done)
+        if progress is not None:
+            progress(finished, len(todo))
+        for i in todo:
+            if i in done:
+                continue
+            raise_if_cancelled(cancel)
+            y0, y1, x0, x1 = cores[i]
+            wy0, wy1, wx0, wx1 = max(0, y0 - margin), min(H, y1 + margin), max(0, x0 - margin), min(W, x1 + margin)
+            # Read the window at the chosen level (whole level pixels covering it).
+            ly0, lx0 = int((oy + wy0) // d), int((ox + wx0) // d)
+            ly1, lx1 = int(math.ceil((oy + wy1) / d)), int(math.ceil((ox + wx1) / d))
+            rgb = reader.read_region(level, ly0, lx0, ly1 - ly0, lx1 - lx0)
+            model_shape = (max(16, round((ly1 - ly0) * d / ratio)), max(16, round((lx1 - lx0) * d / ratio)))
+            result = segment(model, _resample(rgb, model_shape), min_size=min_size, mask_glass=mask_glass,
+                             cancel=cancel, **predict_kwargs)
+            del rgb
+            # Labels back on the base-level grid of the read window, then cut to the chunk's window.
+            from .postprocess import resize_labels
+
+            read_y0, read_x0 = round(ly0 * d) - oy, round(lx0 * d) - ox
+            read_shape = (round(ly1 * d) - oy - read_y0, round(lx1 * d) - ox - read_x0)
+            chunk = resize_labels(result.labels, read_shape)
+            chunk = chunk[wy0 - read_y0 : wy1 - read_y0, wx0 - read_x0 : wx1 - read_x0]
+            chunk = np.ascontiguousarray(chunk)
+            probabilities = _mean_foreground(result.labels, result.foreground)
+            del result
+            pieces = chunk_pieces(chunk, (wy0, wy1, wx0, wx1), cores[i], (H, W))
+            window = labels0[wy0:wy1, wx0:wx1]
+            # Ids at or above next_id were painted by a run stopped before it recorded them.
+            window[window >= next_id] = 0
+            next_id = paint_pieces(window, chunk, pieces, objects, next_id, (wy0, wx0), probabilities,
+                                   min_size=base_min_size)
+            labels0[wy0:wy1, wx0:wx1] = window
+            done.add(i)
+            finished += 1
+            manifest.update(done=sorted(done), next_id=next_id, objects={str(k): v for k, v in objects.items()})
+            _write_manifest(store, manifest)
+            if progress is not None:
+                progress(finished, len(todo))
+        levels = build_pyramid(group)
+        group.attrs.update({"levels": levels, "origin": [oy, ox], "mpp": slide_mpp, "task": model.config.task,
+                            "model": model.config.name})
+        manifest["complete"] = True
+        _write_manifest(store, manifest)
+        table = {k: {"area": v["area"], "box": v["box"], "probability": v["p"][0] / v["p"][1] if v["p"][1] else None}
+                 for k, v in sorted(objects.items())}
+        return SlideSegmentation(store, (oy, ox), (H, W), slide_mpp, table, len(cores), len(todo),
+                                 time.perf_counter() - start)
+    finally:
+        if isinstance(slide, (str, Path)):
+            reader.close()
+
+
+def _mean_foreground(labels: np.ndarray, foreground: np.ndarray) -> dict:
+    """Mean foreground probability per id of ``labels``, measured at the working scale."""
+    from .postprocess import resize_labels
+
+    small = resize_labels(labels, foreground.shape)
+    ids = np.unique(small)
+    ids = ids[ids > 0]
+    if not ids.size:
+        return {}
+    means = ndi.mean(foreground, small, index=ids)
+    return {int(i): float(m) for i, m in zip(ids, means)}
+
+
+def build_pyramid(group, min_side: int = 512) -> int:
+    """Write levels ``"1"``, ``"2"``... of a label store, each half the previous (nearest id),
+    block by block through dask, until a level's longer side is at most ``min_side``.
+
+    Returns the number of levels, the base included.
+    """
+    import dask
+    import dask.array as da
+
+    level = 0
+    array = group["0"]
+    while max(array.shape) > min_side:
+        smaller = da.from_zarr(array)[::2, ::2].rechunk(STORE_CHUNK)
+        target = group.create_array(str(level + 1), shape=smaller.shape, chunks=(STORE_CHUNK, STORE_CHUNK),
+                                    dtype="uint32", fill_value=0, overwrite=True)
+        with dask.config.set(scheduler="synchronous"):  # one block at a time: bounded memory
+            da.store(smaller, target, lock=False)
+        array = target
+        level += 1
+    return level + 1
