@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--mode", default=None, choices=["accurate", "fast"],
                      help="inference mode of models that have several (U-Net++: average the heads or one pruned head)")
     seg.set_defaults(func=cmd_segment)
+    # Whole-slide images (segment-slide): options and code in cli_slide.py.
+    from .cli_slide import add_parser as add_slide_parser
+
+    add_slide_parser(sub, DEFAULT_MODEL, DEFAULT_OVERLAP)
 
     tr = sub.add_parser("train", help="train a model on a GlaS-style or image/label folder",
                         description="Train on DATA/train (X.bmp + X_anno.bmp) with a patient-wise validation split from "
