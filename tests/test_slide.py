@@ -305,3 +305,30 @@ def test_glas_image_on_a_slide_segments_as_on_its_own(tmp_path, shared_data, une
           (("slide", labels), ("alone", alone))}
     assert f1["slide"] >= f1["alone"] - 0.05, f1
     assert len(result.objects) == len(np.unique(labels[labels > 0]))
+
+
+def test_cli_segment_slide_real_aperio_region(tmp_path, shared_data, capsys, one_torch_thread):
+    from glas_seg.cli import main
+
+    svs = shared_data / "wsi" / "CMU-1-Small-Region.svs"
+    assert main(["segment-slide", str(svs), "--out", str(tmp_path), "--device", "cpu",
+                 "--region", "1200,800,700,600"]) == 0
+    stem = tmp_path / "CMU-1-Small-Region"
+    with tifffile.TiffFile(f"{stem}_labels.tif") as tif:
+        labels = tif.series[0].asarray()
+        assert labels.shape == (600, 700) and labels.dtype == np.uint32
+        numerator, denominator = tif.pages[0].tags["XResolution"].value  # pixels per centimetre
+        assert numerator / denominator == pytest.approx(1e4 / 0.499, rel=1e-3)
+    ids = set(np.unique(labels[labels > 0]).tolist())
+    assert len(ids) >= 2  # glands in this part of the slide
+    rows = list(csv.DictReader(open(f"{stem}_objects.csv")))
+    assert {int(r["id"]) for r in rows} == ids
+    features = json.loads(open(f"{stem}_objects.geojson").read())["features"]
+    assert len(features) == len(ids)
+    xs = [x for f in features for x, _ in f["geometry"]["coordinates"][0]]
+    assert 1200 <= min(xs) and max(xs) <= 1900  # slide coordinates, not the region's
+    err = capsys.readouterr().err
+    assert f"{len(ids)} glands" in err and "wrote" in err
+    # Bad input: one line, exit 2, before any work.
+    assert main(["segment-slide", str(svs), "--out", str(tmp_path), "--region", "2000,0,700,600"]) == 2
+    assert capsys.readouterr().err.strip().startswith("glas-seg: error: region x=2000")
