@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import GlasSegError
 
-__all__ = ["Level", "SlideReader", "open_slide", "is_slide", "SLIDE_SUFFIXES", "thumbnail"]
+__all__ = ["Level", "SlideReader", "open_slide", "is_slide", "SLIDE_SUFFIXES", "thumbnail", "level_arrays"]
 
 #: Files that are slides by their suffix alone (OpenSlide's vendor formats).
 VENDOR_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
@@ -346,3 +346,26 @@ def thumbnail(reader: SlideReader, downsample: float, block: int = 2048) -> tupl
             out[y // factor : y // factor + small.shape[0], x // factor : x // factor + small.shape[1]] = \
                 np.round(small).astype(np.uint8)
     return out, lv.downsample * factor
+
+
+def level_arrays(reader: SlideReader, chunk: int = 512) -> list:
+    """Every level of a slide as a lazy dask array, base first: ``(h, w, 3)`` uint8 RGB.
+
+    Nothing is read until a block is computed; each block is one :meth:`SlideReader.read_region`
+    call, so a viewer that shows part of a level reads only the blocks in view.
+    """
+    import dask.array as da
+
+    def axis_chunks(length: int) -> tuple[int, ...]:
+        return tuple(min(chunk, length - start) for start in range(0, length, chunk)) or (0,)
+
+    arrays = []
+    for index, lv in enumerate(reader.levels):
+        def load(block_info=None, level=index):
+            (y0, y1), (x0, x1), _ = block_info[None]["array-location"]
+            return reader.read_region(level, y0, x0, y1 - y0, x1 - x0)
+
+        arrays.append(da.map_blocks(load, chunks=(axis_chunks(lv.shape[0]), axis_chunks(lv.shape[1]), (3,)),
+                                    dtype=np.uint8, meta=np.empty((0, 0, 0), np.uint8),
+                                    name=f"slide-{reader.path.name}-{index}-{id(reader)}"))
+    return arrays
