@@ -31,11 +31,12 @@ _LAZY = {
     "list_models": "glas_seg.backend.api",
     "evaluate": "glas_seg.backend.api",
     "finetune": "glas_seg.backend.api",
+    "export_model": "glas_seg.backend.export",
     "read_image": "glas_seg.backend.image_io",
     "read_labels": "glas_seg.backend.image_io",
 }
 
-__all__ = ["segment", "load_model", "list_models", "evaluate", "finetune", "read_image", "read_labels",
+__all__ = ["segment", "load_model", "list_models", "evaluate", "finetune", "export_model", "read_image", "read_labels",
            "GlasSegError", "Cancelled", "__version__"]
 
 
