@@ -66,7 +66,7 @@ def test_sidecar_records_what_another_runtime_needs(tmp_path):
     assert meta["classes"] == ["background", "interior", "boundary"]
     assert meta["input"]["layout"] == "NCHW" and meta["input"]["range"] == [0.0, 1.0]
     assert meta["scale"] == config.scale == 0.5 and meta["tile_size"] == config.tile_size
-    assert meta["nominal_image_pixel_size_um"] == 0.62 and meta["nominal_working_pixel_size_um"] == 1.24
+    assert meta["image_pixel_size_um"] == 0.62 and meta["working_pixel_size_um"] == 1.24
     assert meta["size_multiple"] == load_model("unet-glands", "cpu").network.size_multiple
     post = meta["postprocessing"]
     assert post["min_size_image_pixels"] == config.min_size and post["targets"] == config.targets

@@ -10,7 +10,7 @@ nothing about glas-seg only has to resample the image and scale 8-bit values to 
   ``classes`` in the sidecar (background, interior, boundary).
 
 Next to the model file a JSON sidecar (``<file>.json``) records everything needed to use it
-the way glas-seg does: classes, working scale and nominal pixel size, tile size, size multiple,
+the way glas-seg does: classes, working scale and pixel size, tile size, size multiple,
 normalisation and the post-processing settings (minimum object size, thresholds, targets mode).
 Instance networks (Mask R-CNN) return detections, not probabilities, and are refused.
 """
@@ -41,10 +41,6 @@ if TYPE_CHECKING:
 FORMATS = ("torchscript", "onnx")
 SIDECAR_VERSION = 1
 ONNX_OPSET = 17  # onnxruntime >= 1.12, OpenCV's DNN module and DJL's ONNX engine all read it
-
-# Nominal pixel size of the images a task's bundled models were trained on, in micrometres:
-# GlaS is 20x with 0.620 um pixels (Sirinukunwattana et al., 2017); MoNuSeg is 40x, about 0.25 um.
-NOMINAL_PIXEL_SIZE_UM = {"glands": 0.62, "nuclei": 0.25}
 
 # Post-processing thresholds of postprocess.instances_from_probabilities (its defaults, used by
 # inference.segment); written to the sidecar so that other runtimes can repeat the watershed.
@@ -90,9 +86,11 @@ def sidecar(model: "LoadedModel", fmt: str, file_name: str) -> dict:
     file_name : str
         Name of the exported model file the sidecar describes.
     """
+    from .checkpoint import model_mpp
+
     config = model.config
     multiple = int(model.network.size_multiple)
-    nominal = NOMINAL_PIXEL_SIZE_UM.get(config.task)
+    mpp = model_mpp(config)  # the model's own, or its task's training data's (the one fallback)
     return {
         "sidecar_version": SIDECAR_VERSION,
         "format": fmt,
@@ -110,8 +108,8 @@ def sidecar(model: "LoadedModel", fmt: str, file_name: str) -> dict:
         "output": {"name": "probabilities", "layout": "NCHW", "dtype": "float32",
                    "kind": "softmax class probabilities, channels as 'classes'"},
         "scale": config.scale,
-        "nominal_image_pixel_size_um": nominal,
-        "nominal_working_pixel_size_um": None if nominal is None else round(nominal / config.scale, 4),
+        "image_pixel_size_um": mpp,
+        "working_pixel_size_um": round(mpp / config.scale, 4),
         "tile_size": config.tile_size,
         "size_multiple": multiple,
         "normalisation": {"mean": list(config.mean), "std": list(config.std), "applied": "inside the model"},
