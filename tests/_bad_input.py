@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from skimage.io import imsave
 
+from glas_seg.backend.batch import MANIFEST_NAME
 from glas_seg.backend.checkpoint import METADATA_KEY, ModelConfig, save_model
 from glas_seg.backend.registry import build_model, user_model_dir
 from glas_seg.cli import main
@@ -106,6 +107,8 @@ def store_files() -> list[str]:
 
 
 def tree(folder: Path) -> list[str]:
-    """Every file under ``folder`` (relative paths), hidden temporary files included."""
+    """Every file under ``folder`` (relative paths), hidden temporary files included, except the
+    batch manifest ``segment`` keeps there (its temporary files are listed)."""
     folder = Path(folder)
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+    return [f for f in files if f != MANIFEST_NAME]

@@ -365,7 +365,11 @@ def test_17_weights_damaged_after_import_are_refused_on_load(capsys, tmp_path, i
 def test_segment_says_when_it_replaces_a_label_file(capsys, tmp_path, model, image):
     code, err = cli(capsys, "segment", image, "--out", tmp_path / "out", "--model", model)
     assert code == 0 and "replaced" not in err
+    # The same command again: the manifest says it is done, nothing is rewritten.
     code, err = cli(capsys, "segment", image, "--out", tmp_path / "out", "--model", model)
+    assert code == 0 and "replaced" not in err and "1 already done" in err
+    # Other settings: done again, and the overwrite is told.
+    code, err = cli(capsys, "segment", image, "--out", tmp_path / "out", "--model", model, "--min-size", "5")
     assert code == 0 and f"replaced existing {tmp_path / 'out' / 'a_labels.tif'}" in err
 
 

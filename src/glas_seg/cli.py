@@ -35,48 +35,69 @@ def _training_reporter(bar):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    import tifffile
-
-    from .backend.image_io import read_image
-    from .backend.inference import predicts_instances, segment
-    from .backend.registry import load_model
-
-    from .backend.outputs import output_folder, write_file
-    from .backend.registry import pick_device
+    from .backend.batch import SegmentOptions, dask_client, remember_model, run_batch
+    from .backend.errors import GlasSegError
+    from .backend.inference import predicts_instances
+    from .backend.outputs import output_folder
+    from .backend.registry import find_model, load_model, pick_device
     from .backend.validate import check_segment_options
 
     # Everything that can be checked is checked before the model is loaded and any image read.
     check_segment_options(args.tile_size, args.overlap, min_size=args.min_size)
-    pick_device(args.device)
+    if args.cluster is not None and args.workers is not None:
+        raise GlasSegError("give --cluster (a running dask scheduler) or --workers (a local cluster), not both")
+    if args.workers is not None and args.workers < 1:
+        raise GlasSegError(f"--workers must be at least 1, not {args.workers}")
+    if args.cluster is None:
+        pick_device(args.device)  # on a cluster the device is the workers' business
     targets = _label_targets(args.images)
     out = output_folder(args.out, "--out")
-    model = load_model(args.model, args.device, mode=args.mode)
+    entry = find_model(args.model)
+    # Loaded here in every case: a damaged model or a bad --mode / --tta is one line before any
+    # work, not one failure per image on the workers.
+    model = load_model(entry.path, "cpu" if args.cluster else args.device, mode=args.mode)
     if args.tta and predicts_instances(model):
         raise ValueError(f"--tta does not apply to {model.config.architecture} models (they detect instances directly)")
-    failures = written = 0
+    options = SegmentOptions(model_path=str(entry.path.resolve()), model_name=entry.name, device=args.device,
+                             mode=args.mode, tile_size=args.tile_size, overlap=args.overlap, tta=args.tta,
+                             min_size=args.min_size, mask_glass=not args.keep_glass)
+    if args.cluster is None and args.workers is None:
+        remember_model(options, model)  # the in-process run reuses it
     with _progress_bar(len(targets), "segment", "image") as bar:
-        for path, name in targets:
-            target = out / name
-            try:
-                image = read_image(path)
-                result = segment(model, image, min_size=args.min_size, tile_size=args.tile_size,
-                                 overlap=args.overlap, tta=args.tta, mask_glass=not args.keep_glass)
-                replaced = target.is_file()
-                # Temporary name, then rename: an interrupted run never leaves half a label map.
-                write_file(target, lambda tmp: tifffile.imwrite(tmp, result.labels, compression="zlib"), "label map")
-            except (ValueError, FileNotFoundError) as exc:  # one bad image or output: go on with the rest
-                bar.write(f"skipped {path}: {exc}", file=sys.stderr)
-                failures += 1
-            else:
-                written += 1
-                if replaced:
-                    bar.write(f"replaced existing {target}", file=sys.stderr)
-                bar.set_postfix_str(f"{path.name}: {int(result.labels.max())} objects")
+
+        def on_plan(todo: int, done: int) -> None:
+            bar.update(done)
+            if done:
+                bar.write(f"{done} image(s) already done (manifest in {out}), skipped", file=sys.stderr)
+
+        def on_result(image: str, record: dict) -> None:
+            if record["state"] == "done":
+                if record.get("replaced"):
+                    bar.write(f"replaced existing {record['outputs'][0]}", file=sys.stderr)
+                bar.set_postfix_str(f"{Path(image).name}: {record['objects']} objects")
+            else:  # one bad image or output: go on with the rest
+                bar.write(f"skipped {image}: {record['message']}", file=sys.stderr)
             bar.update()
+
+        jobs = [(path, name) for path, name in targets]
+        if args.cluster is None and args.workers is None:
+            summary = run_batch(jobs, out, options, on_plan=on_plan, on_result=on_result)
+        else:
+            with dask_client(args.cluster, args.workers) as client:
+                executor = args.cluster or f"LocalCluster({args.workers})"
+                summary = run_batch(jobs, out, options, client=client, executor=executor,
+                                    on_plan=on_plan, on_result=on_result)
+    if summary.settings_changed:
+        print("the settings differ from the previous run's in this folder: every image was segmented again",
+              file=sys.stderr)
+    for image, message in summary.failed:  # reported together at the end, where they are seen
+        print(f"failed: {image}: {message}", file=sys.stderr)
     # One line per run, so that the user knows where to look (the bar only shows progress).
-    print(f"wrote {written} label map(s) (<image stem>_labels.tif) to {out.resolve()}"
-          + (f"; {failures} image(s) skipped" if failures else ""), file=sys.stderr)
-    return 1 if failures else 0
+    print(f"wrote {len(summary.done)} label map(s) (<image stem>_labels.tif) to {out.resolve()}"
+          + (f"; {len(summary.skipped)} already done" if summary.skipped else "")
+          + (f"; {len(summary.failed)} image(s) skipped" if summary.failed else "")
+          + f"; manifest {summary.manifest.name}", file=sys.stderr)
+    return 1 if summary.failed else 0
 
 
 def _label_targets(images: list[str]) -> list[tuple[Path, str]]:
@@ -285,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     seg = sub.add_parser("segment", help="segment images into instance label TIFFs",
-                         description="Write <image stem>_labels.tif (uint32/int32 instance ids, same height and width) per image.")
+                         description="Write <image stem>_labels.tif (uint32/int32 instance ids, same height and width) per image. "
+                                     "A manifest in --out (glas_seg_batch.json) records each image's state, outputs "
+                                     "and timings: the same command again skips the images done. --workers / "
+                                     "--cluster spread the images over dask worker processes (docs/cluster.md).")
     seg.add_argument("images", nargs="+", help="PNG, BMP, JPEG or TIFF images")
     seg.add_argument("--out", required=True,
                      help="output folder (created if missing); an existing <stem>_labels.tif there is replaced "
@@ -301,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not treat blank glass at the image border as background (it is by default)")
     seg.add_argument("--mode", default=None, choices=["accurate", "fast"],
                      help="inference mode of models that have several (U-Net++: average the heads or one pruned head)")
+    seg.add_argument("--cluster", default=None, metavar="ADDRESS",
+                     help="send the images to a running dask scheduler (tcp://host:8786); the model file and the "
+                          "images must be readable by its workers at the same paths (docs/cluster.md)")
+    seg.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="start a local dask cluster of N worker processes (one thread each) for this run")
     seg.set_defaults(func=cmd_segment)
     # Whole-slide images (segment-slide): options and code in cli_slide.py.
     from .cli_slide import add_parser as add_slide_parser
