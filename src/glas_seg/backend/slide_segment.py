@@ -38,7 +38,7 @@ from .errors import GlasSegError
 from .progress import CancelToken, Cancelled, ProgressCallback, check_callbacks, raise_if_cancelled
 from .slide import SlideReader, open_slide, thumbnail
 
-__all__ = ["tissue_mask", "chunk_grid", "segment_slide", "SlideSegmentation", "open_labels", "STORE_CHUNK"]
+__all__ = ["tissue_mask", "chunk_grid", "tissue_windows", "segment_slide", "SlideSegmentation", "open_labels", "STORE_CHUNK"]
 
 #: Side of the zarr label store's chunks, in base-level pixels.
 STORE_CHUNK = 1024
@@ -98,7 +98,7 @@ def tissue_mask(
     reader: SlideReader,
     mpp: float | None = None,
     min_area_um2: float = 5_000.0,
-    margin_um: float = 32.0,
+    margin_um: float = 16.0,
 ) -> tuple[np.ndarray, float]:
     """Where a slide has tissue, on a thumbnail of about :data:`TISSUE_MPP` um per pixel.
 
@@ -185,7 +185,8 @@ def chunk_pieces(labels: np.ndarray, window: tuple[int, int, int, int], core: tu
     Parameters
     ----------
     labels : int ndarray ``(h, w)``
-        The chunk's labels over ``window``, in base-level pixels.
+        The chunk's labels over ``window``, in base-level pixels. Changed in place: all but the
+        largest connected part of each object are cleared.
     window, core : (y0, y1, x0, x1)
         Where the labels lie, and the part of the region the chunk owns (region coordinates).
     region_shape : (H, W)
@@ -202,6 +203,15 @@ def chunk_pieces(labels: np.ndarray, window: tuple[int, int, int, int], core: tu
     for index, box in enumerate(ndi.find_objects(labels), start=1):
         if box is None:
             continue
+        # An object is one connected piece: stray pixels of it elsewhere (left by the glass mask
+        # at a window's edge) would make it look cut and claim pixels far from it.
+        parts, count = ndi.label(labels[box] == index, structure=np.ones((3, 3), bool))
+        if count > 1:
+            largest = 1 + int(np.argmax(np.bincount(parts.ravel())[1:]))
+            labels[box][(parts > 0) & (parts != largest)] = 0
+            rows, cols = np.nonzero((parts == largest).any(1))[0], np.nonzero((parts == largest).any(0))[0]
+            box = (slice(box[0].start + int(rows[0]), box[0].start + int(rows[-1]) + 1),
+                   slice(box[1].start + int(cols[0]), box[1].start + int(cols[-1]) + 1))
         r0, r1, c0, c1 = box[0].start, box[0].stop, box[1].start, box[1].stop
         cut = bool((r0 == 0 and wy0 > 0) or (c0 == 0 and wx0 > 0)
                    or (r1 == h and wy1 < region_shape[0]) or (c1 == w and wx1 < region_shape[1]))
@@ -358,8 +368,6 @@ def segment_slide(
     """
     import zarr
 
-    from .inference import segment
-
     check_callbacks(progress, cancel)
     if chunk_size < 64 or halo < 0:
         raise GlasSegError(f"chunk size must be at least 64 and halo at least 0, not {chunk_size} and {halo}")
@@ -431,33 +439,10 @@ def segment_slide(
             if i in done:
                 continue
             raise_if_cancelled(cancel)
-            y0, y1, x0, x1 = cores[i]
-            wy0, wy1, wx0, wx1 = max(0, y0 - margin), min(H, y1 + margin), max(0, x0 - margin), min(W, x1 + margin)
-            # Read the window at the chosen level (whole level pixels covering it).
-            ly0, lx0 = int((oy + wy0) // d), int((ox + wx0) // d)
-            ly1, lx1 = int(math.ceil((oy + wy1) / d)), int(math.ceil((ox + wx1) / d))
-            rgb = reader.read_region(level, ly0, lx0, ly1 - ly0, lx1 - lx0)
-            model_shape = (max(16, round((ly1 - ly0) * d / ratio)), max(16, round((lx1 - lx0) * d / ratio)))
-            result = segment(model, _resample(rgb, model_shape), min_size=min_size, mask_glass=mask_glass,
-                             cancel=cancel, **predict_kwargs)
-            del rgb
-            # Labels back on the base-level grid of the read window, then cut to the chunk's window.
-            from .postprocess import resize_labels
-
-            read_y0, read_x0 = round(ly0 * d) - oy, round(lx0 * d) - ox
-            read_shape = (round(ly1 * d) - oy - read_y0, round(lx1 * d) - ox - read_x0)
-            chunk = resize_labels(result.labels, read_shape)
-            chunk = chunk[wy0 - read_y0 : wy1 - read_y0, wx0 - read_x0 : wx1 - read_x0]
-            chunk = np.ascontiguousarray(chunk)
-            probabilities = _mean_foreground(result.labels, result.foreground)
-            del result
-            pieces = chunk_pieces(chunk, (wy0, wy1, wx0, wx1), cores[i], (H, W))
-            window = labels0[wy0:wy1, wx0:wx1]
-            # Ids at or above next_id were painted by a run stopped before it recorded them.
-            window[window >= next_id] = 0
-            next_id = paint_pieces(window, chunk, pieces, objects, next_id, (wy0, wx0), probabilities,
-                                   min_size=base_min_size)
-            labels0[wy0:wy1, wx0:wx1] = window
+            for window_box in tissue_windows(tissue, tissue_downsample, (oy, ox), cores[i], margin, (H, W)):
+                next_id = _segment_window(model, reader, labels0, window_box, cores[i], (oy, ox), (H, W), level,
+                                          ratio, objects, next_id, min_size, base_min_size, mask_glass, cancel,
+                                          predict_kwargs)
             done.add(i)
             finished += 1
             manifest.update(done=sorted(done), next_id=next_id, objects={str(k): v for k, v in objects.items()})
@@ -476,6 +461,84 @@ def segment_slide(
     finally:
         if isinstance(slide, (str, Path)):
             reader.close()
+
+
+def tissue_windows(tissue: np.ndarray, downsample: float, origin, core, margin: int,
+                   region_shape) -> list[tuple[int, int, int, int]]:
+    """The windows of a chunk worth segmenting: around each piece of tissue in its core.
+
+    Pieces of tissue in the core (on the thumbnail) each give their bounding box, grown by
+    ``margin`` on the sides where it reaches the core's edge (by a sixteenth of it elsewhere);
+    boxes that overlap are merged. Contiguous tissue gives the chunk's whole window;
+    small fragments scattered on glass give small windows, so the network never runs on the
+    glass between them.
+
+    Returns
+    -------
+    list of ``(y0, y1, x0, x1)`` in region pixels, inside the region
+    """
+    oy, ox = origin
+    y0, y1, x0, x1 = core
+    H, W = region_shape
+    r0, c0 = int((oy + y0) // downsample), int((ox + x0) // downsample)
+    r1, c1 = int(math.ceil((oy + y1) / downsample)), int(math.ceil((ox + x1) / downsample))
+    boxes = []
+    for rows, cols in ndi.find_objects(ndi.label(tissue[r0:r1, c0:c1])[0]):
+        by0, by1 = max(y0, int((r0 + rows.start) * downsample) - oy), min(y1, int(math.ceil((r0 + rows.stop) * downsample)) - oy)
+        bx0, bx1 = max(x0, int((c0 + cols.start) * downsample) - ox), min(x1, int(math.ceil((c0 + cols.stop) * downsample)) - ox)
+        # The full halo only where the tissue runs on into the neighbouring chunk; elsewhere the
+        # tissue ends on glass inside the core, and a little glass is all the context it needs.
+        near = max(1, margin // 16)
+        boxes.append([max(0, by0 - (margin if by0 == y0 else near)), min(H, by1 + (margin if by1 == y1 else near)),
+                      max(0, bx0 - (margin if bx0 == x0 else near)), min(W, bx1 + (margin if bx1 == x1 else near))])
+    merged = True
+    while merged:  # merge overlapping boxes until none overlap
+        merged = False
+        for a in range(len(boxes)):
+            for b in range(a + 1, len(boxes)):
+                p, q = boxes[a], boxes[b]
+                if p[0] < q[1] and q[0] < p[1] and p[2] < q[3] and q[2] < p[3]:
+                    boxes[a] = [min(p[0], q[0]), max(p[1], q[1]), min(p[2], q[2]), max(p[3], q[3])]
+                    del boxes[b]
+                    merged = True
+                    break
+            if merged:
+                break
+    return [tuple(box) for box in boxes]
+
+
+def _segment_window(model, reader, labels0, window_box, core, origin, region_shape, level, ratio, objects,
+                    next_id, min_size, base_min_size, mask_glass, cancel, predict_kwargs) -> int:
+    """Read, segment and paint one window of a chunk; returns the next free id."""
+    from .inference import segment
+    from .postprocess import resize_labels
+
+    oy, ox = origin
+    wy0, wy1, wx0, wx1 = window_box
+    d = reader.levels[level].downsample
+    # Read the window at the chosen level (whole level pixels covering it).
+    ly0, lx0 = int((oy + wy0) // d), int((ox + wx0) // d)
+    ly1, lx1 = int(math.ceil((oy + wy1) / d)), int(math.ceil((ox + wx1) / d))
+    rgb = reader.read_region(level, ly0, lx0, ly1 - ly0, lx1 - lx0)
+    model_shape = (max(16, round((ly1 - ly0) * d / ratio)), max(16, round((lx1 - lx0) * d / ratio)))
+    result = segment(model, _resample(rgb, model_shape), min_size=min_size, mask_glass=mask_glass,
+                     cancel=cancel, **predict_kwargs)
+    del rgb
+    # Labels back on the base-level grid of the read window, then cut to the window.
+    read_y0, read_x0 = round(ly0 * d) - oy, round(lx0 * d) - ox
+    read_shape = (round(ly1 * d) - oy - read_y0, round(lx1 * d) - ox - read_x0)
+    chunk = resize_labels(result.labels, read_shape)
+    chunk = np.ascontiguousarray(chunk[wy0 - read_y0 : wy1 - read_y0, wx0 - read_x0 : wx1 - read_x0])
+    probabilities = _mean_foreground(result.labels, result.foreground)
+    del result
+    pieces = chunk_pieces(chunk, window_box, core, region_shape)
+    window = labels0[wy0:wy1, wx0:wx1]
+    # Ids at or above next_id were painted by a run stopped before it recorded them.
+    window[window >= next_id] = 0
+    next_id = paint_pieces(window, chunk, pieces, objects, next_id, (wy0, wx0), probabilities,
+                           min_size=base_min_size)
+    labels0[wy0:wy1, wx0:wx1] = window
+    return next_id
 
 
 def _mean_foreground(labels: np.ndarray, foreground: np.ndarray) -> dict:
