@@ -32,12 +32,14 @@ _LAZY = {
     "evaluate": "glas_seg.backend.api",
     "finetune": "glas_seg.backend.api",
     "export_model": "glas_seg.backend.export",
+    "segment_slide": "glas_seg.backend.slide_segment",
+    "open_slide": "glas_seg.backend.slide",
     "read_image": "glas_seg.backend.image_io",
     "read_labels": "glas_seg.backend.image_io",
 }
 
 __all__ = ["segment", "load_model", "list_models", "evaluate", "finetune", "export_model", "read_image", "read_labels",
-           "GlasSegError", "Cancelled", "__version__"]
+           "segment_slide", "open_slide", "GlasSegError", "Cancelled", "__version__"]
 
 
 def __getattr__(name: str):

@@ -325,16 +325,21 @@ def segment_slide(
     halo: int = 256,
     min_size: int | None = None,
     mask_glass: bool = True,
+    tile_size: int | None = None,
+    overlap: float = 0.25,
+    batch_size: int = 4,
+    tta: bool = False,
+    device: str = "auto",
     resume: bool = True,
     progress: ProgressCallback | None = None,
     cancel: CancelToken = None,
-    **predict_kwargs,
 ) -> SlideSegmentation:
     """Segment a whole slide (or a region of it) into an on-disk zarr label pyramid.
 
     Parameters
     ----------
-    model : LoadedModel
+    model : str, Path or LoadedModel
+        A model name, a ``.safetensors`` path (loaded on ``device``) or a loaded model.
     slide : path or SlideReader
     store : path
         Folder of the zarr group to write (``<stem>_labels.zarr``). A store from an interrupted
@@ -352,6 +357,10 @@ def segment_slide(
         Smallest object kept, in pixels at the model's pixel size (default: the model's).
     mask_glass : bool
         Passed to :func:`.inference.segment`: glass at a chunk's tissue edge stays background.
+    tile_size, overlap, batch_size, tta
+        Tiled prediction inside each window, as for :func:`.inference.predict_probabilities`.
+    device : str
+        Where to load a model given by name or path.
     resume : bool
         Continue a store left by an interrupted run (False: always start afresh).
     progress : callable ``progress(done, total)``, optional
@@ -359,8 +368,6 @@ def segment_slide(
     cancel : threading.Event or callable, optional
         Checked between chunks and between tile batches; :class:`.progress.Cancelled` is raised
         and the store keeps the chunks finished so far (a later run resumes).
-    **predict_kwargs
-        tile_size, overlap, batch_size, tta for :func:`.inference.predict_probabilities`.
 
     Returns
     -------
@@ -368,7 +375,15 @@ def segment_slide(
     """
     import zarr
 
+    from .validate import check_segment_options
+
     check_callbacks(progress, cancel)
+    check_segment_options(tile_size, overlap, batch_size, min_size=min_size)
+    if isinstance(model, (str, Path)):
+        from .registry import load_model
+
+        model = load_model(model, device)
+    predict_kwargs = {"tile_size": tile_size, "overlap": overlap, "batch_size": batch_size, "tta": tta}
     if chunk_size < 64 or halo < 0:
         raise GlasSegError(f"chunk size must be at least 64 and halo at least 0, not {chunk_size} and {halo}")
     if mpp is not None and not (0.05 <= mpp <= 20):
