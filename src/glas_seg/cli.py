@@ -13,10 +13,19 @@ EPILOG = """examples:
 """
 
 
-def _progress_bar(total: int, desc: str, unit: str):
+def _progress_bar(total: int, desc: str, unit: str, disable: bool = False):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr, disable=disable)
+
+
+def _main_process() -> bool:
+    """False in the processes of a torchrun run other than rank 0 (they neither report nor export)."""
+    import os
+
+    from .backend.distributed import launched_by_torchrun
+
+    return not launched_by_torchrun() or os.environ["RANK"] == "0"
 
 
 def _training_reporter(bar):
@@ -127,6 +136,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .backend.checkpoint import ModelConfig, save_model
     from .backend.data import dataset_split, load_sample
     from .backend.models import get_architecture
+    from .backend.distributed import shutdown
     from .backend.training import TrainSettings, train
     from .backend.checkpoint import config_replace
     from .backend.model_schema import check_config, expected_weights
@@ -156,12 +166,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config_replace(config, training={
         "data": str(args.data), "split": f"patient-wise, val_fraction={args.val_fraction}, seed={args.seed}",
         "val_names": [p[0] for p in val_pairs]})
-    bar = _progress_bar(args.iterations, "train", "it")
-    progress = _training_reporter(bar)
+    main_process = _main_process()
+    bar = _progress_bar(args.iterations, "train", "it", disable=not main_process)
+    progress = _training_reporter(bar) if main_process else None
     try:
         _, state = train(config, settings, train_samples, val_samples, args.out, progress=progress)
     finally:
         bar.close()  # before any error message, which would otherwise share the bar's line
+        shutdown()  # leave the process group of a torchrun run (nothing otherwise)
+    if not main_process:
+        return 0
     best = Path(args.out) / "best.safetensors"
     if args.export:
         from .backend.checkpoint import load_state

@@ -209,6 +209,17 @@ class PatchDataset(torch.utils.data.IterableDataset):
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
         self.rng = np.random.default_rng(seed)
 
+    def reseeded(self, seed: int) -> "PatchDataset":
+        """The same dataset drawing from ``seed`` (as if built with it): one slot of a
+        data-parallel batch (:func:`.distributed.slot_batches`). Samples are shared, not copied."""
+        import copy
+
+        other = copy.copy(self)
+        other.rng = np.random.default_rng(seed)
+        other.augmenter = copy.copy(self.augmenter)
+        other.augmenter.rng = np.random.default_rng(seed)
+        return other
+
     def __iter__(self):
         while True:
             i = int(self.rng.integers(len(self.samples)))

@@ -26,6 +26,7 @@ from .inference import Cancelled, _should_stop, segment
 from .metrics import match_stack, object_scores, pixel_dice
 from .models import get_architecture, pretrained_encoder_state
 from .registry import LoadedModel, build_model, pick_device
+from . import distributed
 from .errors import GlasSegError
 from .model_schema import check_config
 from .validate import check_label_ids, check_train_settings
@@ -202,6 +203,9 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(settings.device)
+    # Under torchrun: join the process group, one GPU per process (backend/distributed.py); else None.
+    ddp = distributed.setup(device)
+    device = ddp.device if ddp is not None else device
     torch.manual_seed(settings.seed)
     network = build_model(config).to(device)
     optimizer = torch.optim.AdamW(
@@ -245,12 +249,20 @@ def train(
                            seed=settings.seed + state.iteration, valid_masks=masks,
                            targets="instances" if predicts_instances else "contours",
                            contour_mode=config.targets, glass=settings.glass)
-    batches = iter(torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=0))
+    if ddp is None:
+        batches = iter(torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=0))
+    else:  # this process's share of the global batch: the same batches whatever the number of processes
+        batches = distributed.slot_batches(dataset, distributed.rank_slots(settings.batch_size, ddp),
+                                           settings.seed + state.iteration)
     use_amp = device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     started = time.perf_counter() - state.wall_seconds
 
     def checkpoint(metrics: dict | None) -> None:
+        if ddp is not None and not ddp.is_main:  # rank 0 writes; the others only keep the score
+            if metrics is not None:
+                state.best_object_f1 = max(state.best_object_f1, metrics["object_f1"])
+            return
         state.wall_seconds = time.perf_counter() - started
         record = replace_training(config, settings, state, len(train_samples), len(val_samples))
         save_model(out_dir / "last.safetensors", network, record)
@@ -264,6 +276,9 @@ def train(
         atomic_write(state_file, lambda tmp: Path(tmp).write_text(json.dumps({"state": asdict(state), "settings": asdict(settings)}, indent=1)))
 
     set_train_mode(network, settings.freeze_norm)
+    # DistributedDataParallel averages gradients across processes; `network` stays the plain module
+    # that is validated and saved.
+    forward = network if ddp is None else distributed.wrap(network, ddp, find_unused=predicts_instances)
     running = None
     while state.iteration < settings.iterations:
         if _should_stop(cancel):
@@ -272,9 +287,9 @@ def train(
         images, targets = images.to(device), targets.to(device)
         with torch.autocast(device.type, enabled=use_amp):
             if predicts_instances:
-                loss = network(images, targets)["loss"]
+                loss = forward(images, targets)["loss"]
             else:
-                loss = training_loss(network(images), targets, settings)
+                loss = training_loss(forward(images), targets, settings)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
