@@ -13,6 +13,7 @@ from qtpy.QtCore import QObject, QTimer, Signal
 from ._background import TaskPanel
 from ._dock import dock_as_tab
 from ._layers import METADATA_KEY, PROBABILITY, SEGMENTATION, adding_layers, fits, plugin_is_adding
+from ._slide_widget import SLIDE_REGIONS, VISIBLE, add_slide_labels, is_slide_layer, slide_job, slide_region
 from .backend import model_store
 from .backend.inference import segment
 from .backend.models import INFERENCE_MODES, INSTANCE_ARCHITECTURES
@@ -83,6 +84,10 @@ class SegmentWidget(Container):
         self.mode = ComboBox(label="Inference mode", choices=["accurate", "fast"], value="accurate", visible=False,
                              tooltip="U-Net++: accurate averages all heads; fast uses one pruned head")
         self.planes = ComboBox(label="Stack planes", choices=["current plane", "all planes"], value="current plane")
+        # Slides (opened by glas-seg's reader) are segmented from disk, region by region (docs/slides.md).
+        self.slide_region = ComboBox(label="Slide region", choices=SLIDE_REGIONS, value=VISIBLE, visible=False,
+                                     tooltip="what part of the slide to segment: the field in view, the box around "
+                                             "the shapes of a Shapes layer, or the whole slide (tissue only)")
         self.probabilities = CheckBox(text="Add probability layer", value=False)
         self.advanced = CheckBox(text="Advanced options", value=False)
         self.tile_size = SpinBox(label="Tile size", min=64, max=2048, step=32, value=384, visible=False)
@@ -93,7 +98,8 @@ class SegmentWidget(Container):
                                            "tissue there and keep it background (glands at tissue edges)")
         self.min_size = SpinBox(label="Min object size (px)", min=0, max=100000, step=50, value=400, visible=False)
         self.extend([
-            self.image, self.model, self.mode, self.device, self.planes, self.probabilities, self.advanced,
+            self.image, self.slide_region, self.model, self.mode, self.device, self.planes, self.probabilities,
+            self.advanced,
             self.tile_size, self.overlap, self.tta, self.mask_glass, self.min_size, *self.panel.widgets,
         ])
         dock_as_tab(self.native)
@@ -111,6 +117,8 @@ class SegmentWidget(Container):
         napari_viewer.layers.selection.events.active.connect(self._follow_active_layer)
         self._apply_model_defaults()
         self._follow_active_layer()
+        self.image.changed.connect(self._show_slide_options)
+        self._show_slide_options()
 
     # -- choices ---------------------------------------------------------------------------
     def _image_layers(self, _widget=None) -> list:
@@ -143,6 +151,11 @@ class SegmentWidget(Container):
             self.image.value = active
         elif self.image.value is None and self._image_layers():
             self.image.value = self._image_layers()[-1]
+
+    def _show_slide_options(self, _value=None) -> None:
+        slide = is_slide_layer(self.image.value)
+        self.slide_region.visible = slide
+        self.planes.enabled = self.probabilities.enabled = not slide
 
     def _toggle_advanced(self, show: bool) -> None:
         for widget in (self.tile_size, self.overlap, self.tta, self.mask_glass, self.min_size):
@@ -181,6 +194,9 @@ class SegmentWidget(Container):
         if not self.model.value:
             show_warning("glas-seg: no model is available")
             return
+        if is_slide_layer(layer):  # never loaded whole: segmented from disk in chunks
+            self._run_slide(layer)
+            return
         data, rgb = layer.data, bool(layer.rgb)
         if isinstance(data, list):  # multiscale: segment the full-resolution level
             data = data[0]
@@ -214,6 +230,29 @@ class SegmentWidget(Container):
 
         self.panel.start(job, lambda out: self._add_layers(layer, stack_shape, *out), f"glas-seg: segmenting {layer.name}",
                          f"Segmenting {layer.name} ({len(planes)} plane{'s' * (len(planes) > 1)})...")
+
+    def _run_slide(self, layer: Image) -> None:
+        try:
+            region = slide_region(self.viewer, layer, self.slide_region.value)
+        except ValueError as exc:
+            show_warning(f"glas-seg: {exc}")
+            return
+        options = dict(tile_size=self.tile_size.value, overlap=self.overlap.value, tta=self.tta.value,
+                       mask_glass=self.mask_glass.value)
+        job = slide_job(layer.metadata["slide_path"], region, self.model.value, self.device.value,
+                        self.mode.value if self._has_modes else None, self.min_size.value, options)
+        where = "the whole slide" if region is None else f"{region[2]} x {region[3]} px at x={region[0]}, y={region[1]}"
+        self.panel.start(job, lambda out: self._add_slide_layer(layer, *out), f"glas-seg: segmenting {layer.name}",
+                         f"Segmenting {where} of {layer.name} (tissue only, in chunks)...")
+
+    def _add_slide_layer(self, image_layer: Image, result, task: str) -> None:
+        with adding_layers(self.viewer):
+            target = add_slide_labels(self.viewer, image_layer, result, task,
+                                      unique_layer_name(self.viewer, output_layer_name(image_layer.name, task)),
+                                      METADATA_KEY)
+        # Not tracked for edits like an in-memory result: counting would read the whole slide.
+        self.status.value = (f"{target.name}: {len(result.objects)} {task} in {result.chunks_with_tissue} of "
+                             f"{result.chunks} chunks ({result.seconds:.0f} s); labels on disk in {result.store}")
 
     def _add_layers(self, image_layer: Image, stack_shape, planes, labels, probs, scale, task) -> None:
         plane_shape = labels[0].shape
