@@ -166,3 +166,48 @@ def test_opening_the_widget_in_a_running_napari_does_not_crash(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, f"exit code {run.returncode}: {run.stderr[-2000:]}"
     assert "opened FinetuneWidget" in run.stdout
+
+
+def test_advanced_options_timing_and_before_after_report(viewer_with_sample, tiny_base, qtbot):
+    """Advanced options reach the settings; the dock shows elapsed / left and, with held-back
+    images, the before / after numbers."""
+    from glas_seg.backend.settings import FinetuneSettings
+
+    viewer, image, corrected = viewer_with_sample
+    viewer.add_image(image.data.copy(), name="second", rgb=True)
+    viewer.add_labels(corrected.data.copy(), name="second corrected")
+    finetune, _ = open_widgets(viewer)
+    finetune.base.value = tiny_base
+    assert finetune.layers.native.isHidden()
+    finetune.advanced.value = True
+    assert not any(w.native.isHidden() for w in (finetune.layers, finetune.l2sp, finetune.freeze_norm))
+    defaults = FinetuneSettings()
+    assert finetune.settings().layers == defaults.layers and finetune.settings().l2sp == defaults.l2sp
+    finetune.layers.value = "decoder"
+    finetune.l2sp.value = 20.0
+    finetune.augment_strength.value = 0.5
+    finetune.patience.value = 1
+    finetune.freeze_norm.value = False
+    settings = finetune.settings()
+    assert (settings.layers, settings.l2sp, settings.augment_strength, settings.patience, settings.freeze_norm) == (
+        "decoder", 20.0, 0.5, 1, False)
+
+    row = finetune.add_pair()
+    row.image_layer.value = viewer.layers["second"]
+    row.labels_layer.value = viewer.layers["second corrected"]
+    finetune.iterations.value = 2
+    finetune.val_share.value = 0.5
+    finetune.run_button.native.click()
+    wait_idle(qtbot, finetune.task)
+    assert finetune.task.last_error is None, finetune.status.value
+    assert "held-back image" in finetune.status.value and "object F1" in finetune.status.value
+    assert "pixel Dice" in finetune.status.value
+    assert finetune.timing.value.startswith("Took")
+
+
+def test_time_left_comes_from_the_iteration_rate(make_napari_viewer):
+    finetune = FinetuneWidget(make_napari_viewer())
+    finetune._rate_start = None
+    finetune._show_timing({"iteration": 1, "total": 101, "elapsed": 5.0})  # setup included: not the rate
+    finetune._show_timing({"iteration": 11, "total": 101, "elapsed": 10.0})  # 0.5 s per iteration since
+    assert finetune.timing.value == "Elapsed 0:10, about 0:45 left (0.50 s per iteration)"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from magicgui.widgets import (
-    CheckBox, ComboBox, Container, FloatSpinBox, LineEdit, PushButton, SpinBox,
+    CheckBox, ComboBox, Container, FloatSpinBox, Label, LineEdit, PushButton, SpinBox,
 )
 from napari.layers import Image, Labels, Shapes
 from napari.utils.notifications import show_info, show_warning
@@ -23,13 +23,15 @@ from ._background import TaskPanel
 from ._dock import dock_as_tab, raise_tab, style_figure
 from ._layers import ERROR_ROLES, PROBABILITY, fits
 from .backend import model_store
-from .backend.finetune import FinetuneSettings, finetune, samples_from_arrays
+from .backend.finetune import FinetuneSettings, finetune, format_before_after, samples_from_arrays
 from .backend.registry import DEFAULT_MODEL, list_models
+from .backend.settings import LAYER_CHOICES
 
 if TYPE_CHECKING:
     import napari
 
 SEGMENT_WIDGET = ("glas-seg", "Segment")
+_FT = FinetuneSettings()  # the defaults, written once in backend/settings.py
 REGION_TYPES = ("rectangle", "polygon", "ellipse")
 
 
@@ -94,6 +96,13 @@ def shape_regions(shapes: Shapes, labels: Labels) -> list[np.ndarray]:
     return regions
 
 
+def format_duration(seconds: float) -> str:
+    """``m:ss`` (or ``h:mm:ss``) for a number of seconds."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
 def _plane_data(layer) -> np.ndarray:
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     return np.array(data, copy=True)  # a snapshot: the user may keep editing while training runs
@@ -115,6 +124,7 @@ class FinetuneWidget(Container):
         self._unsubscribe = model_store.subscribe(self.relay.on_store_change)
         self.last_result = None
         self.history: list[dict] = []
+        self._rate_start: tuple[int, float] | None = None  # (iteration, elapsed) the rate is measured from
         self._last_draw = 0.0
 
         self.base = ComboBox(label="Base model", choices=self._model_names)
@@ -125,19 +135,32 @@ class FinetuneWidget(Container):
         self.add_pair_button = PushButton(text="Add image / labels pair")
         self.regions = ComboBox(label="Regions (Shapes)", choices=self._shapes_layers, nullable=True,
                                 tooltip="Rectangles or polygons around the corrected areas; empty: whole images")
-        self.iterations = SpinBox(label="Iterations", min=1, max=100000, step=50, value=200)
-        self.learning_rate = FloatSpinBox(label="Learning rate", min=1e-6, max=0.1, step=1e-5, value=3e-4)
+        self.iterations = SpinBox(label="Iterations", min=1, max=100000, step=50, value=_FT.iterations)
+        self.learning_rate = FloatSpinBox(label="Learning rate", min=1e-6, max=0.1, step=1e-5, value=_FT.learning_rate)
         self.learning_rate.native.setDecimals(6)
-        self.augment = CheckBox(text="Augmentation", value=True)
-        self.val_share = FloatSpinBox(label="Validation share", min=0.0, max=0.9, step=0.05, value=0.0,
-                                      tooltip="Share of the images held out to measure the model (needs 2+ images)")
+        self.augment = CheckBox(text="Augmentation", value=_FT.augment)
+        self.val_share = FloatSpinBox(label="Validation share", min=0.0, max=0.9, step=0.05, value=_FT.val_fraction,
+                                      tooltip="Share of the images held out to measure the model (needs 2+ images); "
+                                              "the best-scoring checkpoint is kept")
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.new_name = LineEdit(label="New model name", value="")
+        self.advanced = CheckBox(text="Advanced options", value=False)
+        self.layers = ComboBox(label="Layers to train", choices=list(LAYER_CHOICES), value=_FT.layers, visible=False,
+                               tooltip="all; decoder: all but the encoder; head: the output layer(s) only")
+        self.l2sp = FloatSpinBox(label="Pull to base (L2-SP)", min=0.0, max=10000.0, step=10.0, value=_FT.l2sp,
+                                 visible=False, tooltip="Weight decay towards the base model's weights; 0: off")
+        self.augment_strength = FloatSpinBox(label="Augmentation strength", min=0.0, max=2.0, step=0.25,
+                                             value=_FT.augment_strength, visible=False)
+        self.patience = SpinBox(label="Early-stop patience", min=0, max=1000, value=_FT.patience, visible=False,
+                                tooltip="With a validation share: stop after this many scorings without a better "
+                                        "object F1 (0: never)")
+        self.freeze_norm = CheckBox(text="Keep batch-norm statistics", value=_FT.freeze_norm, visible=False)
+        self.timing = Label(value="")
         self.segment_button = PushButton(text="Segment current image with the new model", enabled=False)
         self.extend([
             self.base, self.pairs, self.add_pair_button, self.regions, self.iterations, self.learning_rate,
-            self.augment, self.val_share, self.device, self.new_name, *self.panel.widgets,
-            self.segment_button,
+            self.augment, self.val_share, self.device, self.new_name, self.advanced, *self._advanced_widgets,
+            *self.panel.widgets, self.timing, self.segment_button,
         ])
         self._build_plot()
         dock_as_tab(self.native)
@@ -145,6 +168,7 @@ class FinetuneWidget(Container):
         self.new_name.value = self.suggest_name()
 
         self.add_pair_button.changed.connect(self.add_pair)
+        self.advanced.changed.connect(self._toggle_advanced)
         self.base.changed.connect(lambda _v: setattr(self.new_name, "value", self.suggest_name()))
         self.run_button.changed.connect(self.run)
         self.segment_button.changed.connect(self.segment_with_new_model)
@@ -153,6 +177,14 @@ class FinetuneWidget(Container):
         napari_viewer.events.theme.connect(self._draw_curves)
 
     # -- layout pieces ----------------------------------------------------------------------
+    @property
+    def _advanced_widgets(self) -> tuple:
+        return (self.layers, self.l2sp, self.augment_strength, self.patience, self.freeze_norm)
+
+    def _toggle_advanced(self, show: bool) -> None:
+        for widget in self._advanced_widgets:
+            widget.visible = show
+
     def _build_plot(self) -> None:
         from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
         from matplotlib.figure import Figure
@@ -283,7 +315,9 @@ class FinetuneWidget(Container):
         return FinetuneSettings(
             iterations=int(self.iterations.value), learning_rate=float(self.learning_rate.value),
             augment=bool(self.augment.value), val_fraction=float(self.val_share.value), device=self.device.value,
-            eval_every=max(10, int(self.iterations.value) // 8),
+            eval_every=max(10, int(self.iterations.value) // 8), layers=self.layers.value, l2sp=float(self.l2sp.value),
+            augment_strength=float(self.augment_strength.value), patience=int(self.patience.value),
+            freeze_norm=bool(self.freeze_norm.value),
         )
 
     def run(self, _value=None) -> None:
@@ -314,6 +348,8 @@ class FinetuneWidget(Container):
                             progress=progress, cancel=cancel)
 
         self.history = []
+        self._rate_start = None
+        self.timing.value = ""
         self._draw_curves()
         self.segment_button.enabled = False
         self.panel.start(job, self._on_result, f"glas-seg: fine-tuning {name}",
@@ -321,17 +357,33 @@ class FinetuneWidget(Container):
 
     def _on_event(self, event: dict) -> None:
         self.history.append(event)
+        self._show_timing(event)
         now = time.monotonic()
         if "object_f1" in event or event["iteration"] == event["total"] or now - self._last_draw > 0.5:
             self._last_draw = now
             self._draw_curves()
 
+    def _show_timing(self, event: dict) -> None:
+        """Elapsed time and, from the iteration rate so far, an estimate of the time left."""
+        if "elapsed" not in event or event.get("iteration", 0) < 1:
+            return
+        iteration, elapsed = event["iteration"], event["elapsed"]
+        if self._rate_start is None:  # the first step also paid for setup (and the first scoring)
+            self._rate_start = (iteration, elapsed)
+        done, since = iteration - self._rate_start[0], elapsed - self._rate_start[1]
+        per_step = since / done if done > 0 else elapsed / iteration
+        left = max(0, event["total"] - iteration) * per_step
+        self.timing.value = (f"Elapsed {format_duration(elapsed)}, about {format_duration(left)} left "
+                             f"({per_step:.2f} s per iteration)")
+
     def _on_result(self, result) -> None:
         self.last_result = result
         name = result.entry.name
         text = f"Saved model {name!r} ({result.wall_seconds:.0f} s)."
-        if result.before and result.after:
-            text += f" Val. object F1 {result.before['object_f1']:.3f} -> {result.after['object_f1']:.3f}."
+        report = format_before_after(result)
+        if report:
+            text += f" {report}."
+        self.timing.value = f"Took {format_duration(result.wall_seconds)}"
         self.status.value = text
         show_info(f"glas-seg: {text}")
         segment = self.segment_widget(open_it=False)

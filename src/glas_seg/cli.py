@@ -239,7 +239,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .backend.finetune import FinetuneSettings, finetune, samples_from_folders
+    from .backend.finetune import FinetuneSettings, finetune, format_before_after, samples_from_folders
 
     samples = samples_from_folders(args.images_dir, args.labels_dir)
     print(f"{len(samples)} image/label pair(s): {', '.join(s.name for s in samples[:8])}"
@@ -247,7 +247,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     settings = FinetuneSettings(iterations=args.iterations, learning_rate=args.lr, batch_size=args.batch_size,
                                 crop_size=args.crop_size, augment=not args.no_augment,
                                 val_fraction=args.val_fraction, eval_every=args.eval_every, seed=args.seed,
-                                device=args.device, freeze_norm=not args.update_norm_stats)
+                                device=args.device, freeze_norm=not args.update_norm_stats, layers=args.layers,
+                                l2sp=args.l2sp, augment_strength=args.augment_strength, patience=args.patience)
     bar = _progress_bar(args.iterations, "fine-tune", "it")
     progress = _training_reporter(bar)
 
@@ -259,8 +260,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         bar.close()
     print(f"saved user model {result.entry.name!r} to {result.entry.path} ({result.wall_seconds:.0f} s); "
           f"use it with: glas-seg segment --model {result.entry.name} ...", file=sys.stderr)
-    if result.before and result.after:
-        print(f"validation object F1 {result.before['object_f1']:.3f} -> {result.after['object_f1']:.3f}", file=sys.stderr)
+    report = format_before_after(result)
+    if report:
+        print(report, file=sys.stderr)
     return 0
 
 
@@ -310,7 +312,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     # Defaults come from the backend (no torch import): one place each, shared with the API.
     from .backend.registry import DEFAULT_MODEL
-    from .backend.settings import DEFAULT_OVERLAP, FinetuneSettings
+    from .backend.settings import DEFAULT_OVERLAP, LAYER_CHOICES, FinetuneSettings
 
     ft_defaults = FinetuneSettings()
     parser = argparse.ArgumentParser(
@@ -408,6 +410,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--crop-size", type=int, default=ft_defaults.crop_size,
                     help="crop side at the model's working scale (default: %(default)s)")
     ft.add_argument("--no-augment", action="store_true", help="train on plain crops")
+    ft.add_argument("--augment-strength", type=float, default=ft_defaults.augment_strength,
+                    help="scale of flips, rotations, elastic, colour and stain jitter, 0-2 (default: %(default)s)")
+    ft.add_argument("--layers", choices=LAYER_CHOICES, default=ft_defaults.layers,
+                    help="which parameters train: all, decoder (all but the encoder), head (output layers only) "
+                         "(default: %(default)s)")
+    ft.add_argument("--l2sp", type=float, default=ft_defaults.l2sp,
+                    help="pull towards the base model's weights (L2-SP; 0: off; default: %(default)s)")
     ft.add_argument("--update-norm-stats", action="store_true",
                     help="let batch-norm statistics follow the new images (default: keep the base model's)")
     ft.add_argument("--val-fraction", type=float, default=ft_defaults.val_fraction,
@@ -415,6 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--eval-every", type=int, default=ft_defaults.eval_every,
                     help="with --val-fraction > 0: score the held-out pairs (object F1) every this many iterations "
                          "and at the end (default: %(default)s)")
+    ft.add_argument("--patience", type=int, default=ft_defaults.patience,
+                    help="with --val-fraction > 0: stop after this many scorings without a better object F1 and "
+                         "keep the best checkpoint (0: never stop early; default: %(default)s)")
     ft.add_argument("--seed", type=int, default=ft_defaults.seed)
     ft.add_argument("--device", default=ft_defaults.device, help="auto, cpu, cuda, cuda:1 or mps")
     ft.add_argument("--overwrite", action="store_true", help="replace a user model of the same name")

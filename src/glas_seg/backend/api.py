@@ -302,8 +302,12 @@ def finetune(
     batch_size: int = _FT.batch_size,
     crop_size: int = _FT.crop_size,
     augment: bool = _FT.augment,
+    augment_strength: float = _FT.augment_strength,
+    layers: str = _FT.layers,
+    l2sp: float = _FT.l2sp,
     val_fraction: float = _FT.val_fraction,
     eval_every: int = _FT.eval_every,
+    patience: int = _FT.patience,
     freeze_norm: bool = _FT.freeze_norm,
     seed: int = _FT.seed,
     device: str = _FT.device,
@@ -331,18 +335,29 @@ def finetune(
         Name or file of the model to start from.
     masks : sequence of bool ndarray ``(H, W)``, optional
         Per image, where its labels were corrected; the loss ignores the rest.
-    iterations : int, default 200
-        Optimizer steps, each on ``batch_size`` random crops.
-    learning_rate : float, default 3e-4
+    iterations : int
+        Optimizer steps, each on ``batch_size`` random crops. The defaults of this and the
+        following options are :class:`FinetuneSettings`' (chosen by the benchmark in
+        docs/finetuning.md).
+    learning_rate : float
         Peak learning rate (AdamW, short warm-up, cosine decay).
-    batch_size, crop_size : int, default 4 and 192
+    batch_size, crop_size : int
         Crops per step and their side, in pixels at the model's working scale.
     augment : bool, default True
         Random flips, rotations, elastic, colour and stain jitter.
+    augment_strength : float in ``[0, 2]``
+        Scale of those transforms (1: as the bundled models were trained).
+    layers : {"all", "decoder", "head"}
+        Which parameters train: all, everything but the encoder, or the output layer(s) only.
+    l2sp : float
+        Pull towards the base model's weights (L2-SP; 0 turns it off).
     val_fraction : float in ``[0, 0.9]``, default 0
         Share of the images held out and scored before and after (0: train on all, no scores).
-    eval_every : int, default 50
+    eval_every : int
         Score the held-out images every this many iterations.
+    patience : int
+        With held-out images: stop after this many scorings without a better object F1; the
+        best-scoring checkpoint is kept either way (0: never stop early).
     freeze_norm : bool, default True
         Keep the base model's batch-norm statistics (see docs/finetuning.md).
     seed : int, default 0
@@ -380,8 +395,9 @@ def finetune(
         if len(masks) != len(image_list):
             raise GlasSegError(f"{len(masks)} masks for {len(image_list)} images: give one per image")
     settings = FinetuneSettings(iterations=iterations, learning_rate=learning_rate, batch_size=batch_size,
-                                crop_size=crop_size, augment=augment, val_fraction=val_fraction,
-                                eval_every=eval_every, freeze_norm=freeze_norm, seed=seed, device=device)
+                                crop_size=crop_size, augment=augment, augment_strength=augment_strength,
+                                layers=layers, l2sp=l2sp, val_fraction=val_fraction, eval_every=eval_every,
+                                patience=patience, freeze_norm=freeze_norm, seed=seed, device=device)
     if not isinstance(base, (str, Path)):
         raise GlasSegError(f"base must be a model name or a .safetensors path, not {type(base).__name__}")
     from .finetune import finetune as _finetune

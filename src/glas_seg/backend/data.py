@@ -176,6 +176,8 @@ class PatchDataset(torch.utils.data.IterableDataset):
 
     Parameters
     ----------
+    augment : bool or float
+        Augmentation strength (:class:`.augment.Augmenter`): True is 1, False 0, or a number.
     targets : {"contours", "instances"}
         What ``target`` holds: contour classes for semantic networks, or the crop's instance
         ids for networks that predict instances (Mask R-CNN).
@@ -204,7 +206,7 @@ class PatchDataset(torch.utils.data.IterableDataset):
         self.glass = glass
         self.samples = samples
         self.valid_masks = valid_masks
-        self.augmenter = Augmenter(crop_size, strength=1.0 if augment else 0.0, seed=seed)
+        self.augmenter = Augmenter(crop_size, strength=float(augment), seed=seed)  # True = 1, or a strength
         self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
         self.rng = np.random.default_rng(seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import tempfile
+from pathlib import Path
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ from .labelmaps import bounding_box
 from .registry import LoadedModel, ModelEntry, build_network, find_model, pick_device
 from .settings import FinetuneSettings  # noqa: F401 (defined without torch, for the CLI and API)
 from .stacks import all_planes, leading_shape
+from .threads import use_torch_threads
 from .training import TrainSettings, evaluate, train
 
 
@@ -45,9 +47,15 @@ class FinetuneResult:
     history : list of dict
         Per iteration ``iteration`` and ``loss``; validation metrics where measured.
     before, after : dict or None
-        Validation metrics of the base and the new model (None without validation images).
+        Validation metrics of the base and the new model (None without validation images):
+        ``object_f1`` (mean per image), ``object_f1_pooled``, ``object_dice``, ``pixel_dice``...
     train_names, val_names : list of str
     wall_seconds : float
+    best_iteration : int or None
+        With validation: the iteration whose weights were kept (the best validation object F1);
+        0 when no checkpoint beat the base model, whose weights are then kept.
+    stopped_early : bool
+        Validation stopped improving and the run ended before ``iterations``.
     """
 
     entry: ModelEntry
@@ -57,6 +65,8 @@ class FinetuneResult:
     train_names: list = field(default_factory=list)
     val_names: list = field(default_factory=list)
     wall_seconds: float = 0.0
+    best_iteration: int | None = None
+    stopped_early: bool = False
 
 
 # -- building training samples -------------------------------------------------------------------
@@ -218,9 +228,11 @@ def finetune(
     overwrite : bool
         Replace an existing user model called ``name``.
     progress : callable(dict), optional
-        Called with ``{"iteration", "total", "loss", "lr"}`` after every step, plus validation
-        metrics (``object_f1``, ``pixel_dice``...) where measured; once with ``iteration`` 0 and
-        the base model's metrics before training when there is validation.
+        Called with ``{"iteration", "total", "loss", "lr", "elapsed"}`` after every step
+        (``elapsed``: seconds since the run started), plus validation metrics (``object_f1``,
+        ``pixel_dice``...) where measured and ``stopped_early`` on the last step of a run that
+        stopped early; once with ``iteration`` 0 and the base model's metrics before training
+        when there is validation.
     cancel : threading.Event or callable, optional
         Checked every step and before saving; :class:`.inference.Cancelled` is raised and
         nothing is written to the store.
@@ -261,18 +273,22 @@ def finetune(
         iterations=settings.iterations, eval_every=settings.eval_every if val else settings.iterations,
         batch_size=settings.batch_size, crop_size=settings.crop_size, learning_rate=settings.learning_rate,
         warmup=min(20, max(1, settings.iterations // 10)), augment=settings.augment, seed=settings.seed,
-        device=settings.device, freeze_norm=settings.freeze_norm,
+        device=settings.device, freeze_norm=settings.freeze_norm, layers=settings.layers, l2sp=settings.l2sp,
+        augment_strength=settings.augment_strength, patience=settings.patience if val else 0,
     )
     history: list[dict] = []
+    started = time.perf_counter()
 
     def record(event: dict) -> None:
+        event = {**event, "elapsed": time.perf_counter() - started}
         history.append({k: v for k, v in event.items() if k != "total"})
         if progress is not None:
             progress(event)
 
     device = pick_device(settings.device)
-    started = time.perf_counter()
-    before = after = None
+    if device.type == "cpu":
+        use_torch_threads()  # physical cores not busy elsewhere (backend/threads.py)
+    before = after = best_iteration = None
     network = loaded = None
     try:
         if val:
@@ -283,8 +299,11 @@ def finetune(
         with tempfile.TemporaryDirectory(prefix="glas-seg-finetune-") as run_dir:
             loaded, _ = train(config, train_settings, train_samples, val, run_dir, init_state=state,
                               valid_masks=train_masks, progress=record, cancel=cancel)
-        if val:
-            after = {k: history[-1][k] for k in before if k in history[-1]}
+            if val:  # keep the checkpoint the user's held-back images liked best, not the last
+                best_iteration, after = _best_validation(history, before)
+                # Iteration 0 is the base model: when no checkpoint beat it, its weights are kept.
+                weights = state if best_iteration == 0 else load_state(Path(run_dir) / "best.safetensors")[0]
+                loaded.network.load_state_dict(weights)
         if _should_stop(cancel):
             raise Cancelled()
         wall = time.perf_counter() - started
@@ -295,7 +314,8 @@ def finetune(
             "train_images": [s.name for s in train_samples],
             "val_images": [s.name for s in val],
             "corrected_regions_only": train_masks is not None,
-            "iterations": settings.iterations,
+            "iterations": history[-1]["iteration"] if history else settings.iterations,
+            "best_iteration": best_iteration,
             "settings": asdict(settings),
             "device": str(device),
             "wall_seconds": round(wall, 1),
@@ -311,7 +331,43 @@ def finetune(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return FinetuneResult(entry, history, before, after, [s.name for s in train_samples], [s.name for s in val],
-                          time.perf_counter() - started)
+                          time.perf_counter() - started, best_iteration,
+                          any(e.get("stopped_early") for e in history))
+
+
+def _best_validation(history: list[dict], before: dict) -> tuple[int, dict]:
+    """Iteration and metrics of the best validation (highest object F1; the earliest on ties).
+
+    The base model (iteration 0) competes too: a fine-tune that never beats it on the user's
+    held-back images keeps the base weights, so the result is never worse there. Among the
+    checkpoints the rule is training's ``best.safetensors`` one, so the metrics match the weights.
+    """
+    scored = [{"iteration": 0, **before}] + [e for e in history if e["iteration"] > 0 and "object_f1" in e]
+    best = max(scored, key=lambda e: e["object_f1"])  # max() keeps the first of equal values
+    return best["iteration"], {k: best[k] for k in before if k in best}
+
+
+#: The numbers reported before / after on the held-back images: (key, label).
+REPORTED_METRICS = (("object_f1_pooled", "object F1"), ("object_dice", "object Dice"), ("pixel_dice", "pixel Dice"))
+
+
+def format_before_after(result: FinetuneResult) -> str:
+    """One line comparing the base and the new model on the held-back images ("" without any).
+
+    Object F1 and object Dice are pooled over all objects of the held-back images (as
+    ``glas-seg evaluate`` reports them), pixel Dice is the mean per image.
+    """
+    if not result.before or not result.after:
+        return ""
+    numbers = ", ".join(f"{label} {result.before[key]:.3f} -> {result.after[key]:.3f}"
+                        for key, label in REPORTED_METRICS if key in result.before and key in result.after)
+    kept = f"kept iteration {result.best_iteration}" if result.best_iteration is not None else ""
+    if result.best_iteration == 0:
+        kept = "no checkpoint beat the base model there, so the new model keeps the base weights"
+    if result.stopped_early:
+        kept += ", stopped early"
+    return (f"On {len(result.val_names)} held-back image(s), base -> fine-tuned: {numbers}"
+            + (f" ({kept})" if kept else ""))
 
 
 def _rounded(metrics: dict | None) -> dict | None:

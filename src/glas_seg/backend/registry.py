@@ -237,4 +237,8 @@ def load_model(
             raise GlasSegError(f"Model {entry.name} ({config.architecture}) has no inference modes")
         network.set_mode(mode)
     target = pick_device(device)
+    if target.type == "cpu":
+        from .threads import use_torch_threads
+
+        use_torch_threads()  # physical cores not busy elsewhere (backend/threads.py)
     return LoadedModel(network.to(target).eval(), config, target)

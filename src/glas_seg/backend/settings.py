@@ -13,10 +13,15 @@ from .errors import GlasSegError
 #: Fraction of a tile shared with its neighbour in sliding-window inference.
 DEFAULT_OVERLAP = 0.25
 
+#: Which parameters a fine-tune trains (backend/trainable.py): all of them, everything but the
+#: encoder, or only the output layer(s).
+LAYER_CHOICES = ("all", "decoder", "head")
+
 
 @dataclass
 class FinetuneSettings:
-    """Hyper-parameters of a fine-tuning run; the defaults suit a laptop CPU.
+    """Hyper-parameters of a fine-tuning run; the defaults suit a laptop CPU (under a minute on
+    2 cores for the bundled gland model, docs/benchmarks.md).
 
     Attributes
     ----------
@@ -28,11 +33,22 @@ class FinetuneSettings:
         Crops per step and their side, in pixels at the model's working scale.
     augment : bool
         Random flips, rotations, elastic, colour and stain jitter of the crops.
+    augment_strength : float in [0, 2]
+        Scale of those transforms (1: as the bundled models were trained).
+    layers : {"all", "decoder", "head"}
+        Which parameters train: all, everything but the encoder, or only the output layer(s)
+        (the split is a fact of each architecture, :class:`.models.Architecture`).
+    l2sp : float
+        Pull towards the base model's weights (L2-SP, decoupled like AdamW's weight decay:
+        ``w -= lr * l2sp * (w - w_base)`` per step); 0 turns it off.
     val_fraction : float in [0, 0.9]
         Share of the images held out to validate (0: train on all, report no metrics).
         At least one image is always kept for training.
     eval_every : int
         Validate every this many iterations (and at the end).
+    patience : int
+        With held-out images: stop after this many validations without a better object F1 and
+        keep the best checkpoint (0: run all iterations, still keep the best).
     freeze_norm : bool
         Keep the base model's batch-norm statistics (running mean and variance). Batches of a
         few crops from a few images would otherwise replace them, and the model would forget
@@ -42,13 +58,20 @@ class FinetuneSettings:
         ``"auto"``, ``"cpu"``, ``"cuda"``... (see :func:`.registry.pick_device`).
     """
 
-    iterations: int = 200
-    learning_rate: float = 3e-4
+    # Chosen by benchmarks/bench_finetune_cohort.py (docs/finetuning.md): on 3 images of an unseen
+    # cohort, training every layer (even at lr 3e-5) made the model worse on the rest of that
+    # cohort and on the original images; the output layer alone, at 1e-3, did not.
+    iterations: int = 100
+    learning_rate: float = 1e-3
     batch_size: int = 4
     crop_size: int = 192
     augment: bool = True
+    augment_strength: float = 1.0
+    layers: str = "head"
+    l2sp: float = 0.0
     val_fraction: float = 0.0
     eval_every: int = 50
+    patience: int = 3
     freeze_norm: bool = True
     seed: int = 0
     device: str = "auto"
@@ -64,3 +87,11 @@ class FinetuneSettings:
             raise GlasSegError("validation share must be between 0 and 0.9")
         if self.eval_every < 1:
             raise GlasSegError("eval_every must be at least 1")
+        if self.layers not in LAYER_CHOICES:
+            raise GlasSegError(f"layers must be one of {', '.join(LAYER_CHOICES)}, not {self.layers!r}")
+        if not self.l2sp >= 0:
+            raise GlasSegError("L2-SP strength must be 0 or more")
+        if not 0 <= self.augment_strength <= 2:
+            raise GlasSegError("augmentation strength must be between 0 and 2")
+        if self.patience < 0:
+            raise GlasSegError("patience must be 0 or more")

@@ -27,6 +27,8 @@ from .metrics import match_stack, object_scores, pixel_dice
 from .models import get_architecture, pretrained_encoder_state
 from .registry import LoadedModel, build_model, pick_device
 from . import distributed
+from .threads import use_torch_threads
+from .trainable import StartingPointDecay, select_trainable
 from .errors import GlasSegError
 from .model_schema import check_config
 from .validate import check_label_ids, check_train_settings
@@ -53,6 +55,13 @@ class TrainSettings:
     freeze_norm: bool = False  # keep batch-norm statistics fixed (fine-tuning on a few images)
     glass: float = 0.0  # share of crops given a tissue edge next to blank glass (augment.glass_edge)
     pretrained: bool = True  # start the encoder from ImageNet weights where the architecture has them
+    # Fine-tuning (backend/trainable.py): which parameters train ("all", "decoder", "head"), decay
+    # towards the starting weights instead of zero (L2-SP, 0 = off), augmentation strength (1 =
+    # training's), and early stopping after this many validations without a better object F1 (0 = off).
+    layers: str = "all"
+    l2sp: float = 0.0
+    augment_strength: float = 1.0
+    patience: int = 0
 
     def __post_init__(self) -> None:
         check_train_settings(self)  # GlasSegError for values that cannot train (iterations 0...)
@@ -206,6 +215,8 @@ def train(
     # Under torchrun: join the process group, one GPU per process (backend/distributed.py); else None.
     ddp = distributed.setup(device)
     device = ddp.device if ddp is not None else device
+    if device.type == "cpu":
+        use_torch_threads()  # physical cores not busy elsewhere (backend/threads.py)
     torch.manual_seed(settings.seed)
     network = build_model(config).to(device)
     optimizer = torch.optim.AdamW(
@@ -236,6 +247,9 @@ def train(
         encoder = pretrained_encoder_state(config.architecture, network)
         if encoder is not None:
             network.load_state_dict(encoder, strict=False)
+    # Frozen parameters get no gradient, so AdamW (built above over all of them) skips them.
+    trainable = select_trainable(network, config.architecture, settings.layers)
+    pull = StartingPointDecay(trainable, settings.l2sp, start=init_state)
 
     scale = config.scale
     small = [rescale_sample(s, scale) for s in train_samples]
@@ -245,7 +259,8 @@ def train(
                  for s, m in zip(train_samples, valid_masks)]
     # Networks that predict instances (Mask R-CNN) take instance labels and return their own loss.
     predicts_instances = get_architecture(config.architecture).predicts_instances
-    dataset = PatchDataset(small, settings.crop_size, config.mean, config.std, settings.augment,
+    dataset = PatchDataset(small, settings.crop_size, config.mean, config.std,
+                           settings.augment_strength if settings.augment else 0.0,
                            seed=settings.seed + state.iteration, valid_masks=masks,
                            targets="instances" if predicts_instances else "contours",
                            contour_mode=config.targets, glass=settings.glass)
@@ -280,6 +295,7 @@ def train(
     # that is validated and saved.
     forward = network if ddp is None else distributed.wrap(network, ddp, find_unused=predicts_instances)
     running = None
+    stale = 0  # validations since the best one (early stopping)
     while state.iteration < settings.iterations:
         if _should_stop(cancel):
             raise Cancelled()
@@ -294,6 +310,7 @@ def train(
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        pull.step(scheduler.get_last_lr()[0])
         scheduler.step()
         state.iteration += 1
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
@@ -307,10 +324,15 @@ def train(
                 metrics = evaluate(LoadedModel(network, config, device), val_samples)
                 set_train_mode(network, settings.freeze_norm)
                 event.update(metrics)
+                stale = 0 if metrics["object_f1"] > state.best_object_f1 else stale + 1
+                if settings.patience and stale >= settings.patience and state.iteration < settings.iterations:
+                    event["stopped_early"] = True
             state.history.append({k: v for k, v in event.items() if k != "total"})
             checkpoint(metrics)
         if progress is not None:
             progress(event)
+        if event.get("stopped_early"):
+            break  # best.safetensors holds the best weights; the caller decides which to keep
     network.eval()
     return LoadedModel(network, config, device), state
 

@@ -94,6 +94,13 @@ def check_train_settings(settings) -> None:
     integer(settings.seed, "seed", 0)
     if hasattr(settings, "glass"):
         number(settings.glass, "glass share", 0, 1)
+    if hasattr(settings, "layers"):  # fine-tuning options (backend/trainable.py)
+        from .settings import LAYER_CHOICES
+
+        choice(settings.layers, "layers", LAYER_CHOICES)
+        number(settings.l2sp, "L2-SP strength", 0)
+        number(settings.augment_strength, "augmentation strength", 0, 2)
+        integer(settings.patience, "patience", 0)
 
 
 def check_label_ids(labels: np.ndarray, name: str = "labels") -> np.ndarray:

@@ -1,0 +1,88 @@
+"""How many CPU threads torch gets: one rule for training, fine-tuning and inference.
+
+PyTorch starts as many intra-op threads as there are *logical* CPUs. On a laptop with
+hyper-threading, or on a machine where another process is already busy, that oversubscribes
+the cores and every step waits on the slowest thread: on the project's 2-core machine, with one
+other CPU-bound process running, a fine-tuning step took 2 s with 2 threads and far less with 1
+(docs/benchmarks.md). So glas-seg picks the thread count itself, once per run:
+
+1. ``GLAS_SEG_THREADS`` when set (the user's explicit choice), else ``OMP_NUM_THREADS`` when set;
+2. otherwise the number of *physical* cores (psutil when installed, else half the logical
+   CPUs), minus the cores other processes keep busy (the 1-minute load average, rounded), and
+   at least 1.
+
+Data loading stays in the training process (``DataLoader(num_workers=0)``): worker processes
+would compete with torch's threads for the same cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .errors import GlasSegError
+
+ENV_VAR = "GLAS_SEG_THREADS"
+
+
+def physical_cores() -> int:
+    """Physical CPU cores (hyper-threads not counted); at least 1."""
+    try:
+        import psutil
+
+        count = psutil.cpu_count(logical=False)
+    except ImportError:  # psutil is optional: half the logical CPUs is the usual ratio
+        count = None
+    return max(1, count or (os.cpu_count() or 2) // 2)
+
+
+def _env_threads() -> int | None:
+    for name in (ENV_VAR, "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "").strip()
+        if not value:
+            continue
+        try:
+            count = int(value)
+        except ValueError:
+            raise GlasSegError(f"{name}={value!r} is not a whole number of threads") from None
+        if count < 1:
+            raise GlasSegError(f"{name} must be at least 1, got {count}")
+        return count
+    return None
+
+
+def busy_cores() -> int:
+    """Cores other processes keep busy now: the 1-minute load average, rounded (0 if unknown)."""
+    try:
+        return int(os.getloadavg()[0] + 0.5)
+    except (AttributeError, OSError):  # Windows has no load average
+        return 0
+
+
+def default_threads() -> int:
+    """Thread count for the next run (see the module docstring for the rule)."""
+    explicit = _env_threads()
+    if explicit is not None:
+        return explicit
+    cores = physical_cores()
+    return max(1, min(cores, (os.cpu_count() or cores) - busy_cores()))
+
+
+def use_torch_threads(count: int | None = None) -> int:
+    """Set torch's intra-op thread count to ``count`` (default :func:`default_threads`).
+
+    Call it where a run starts (training, fine-tuning, loading a model for inference), not in
+    inner loops: the load average it reads includes this process once it is computing.
+
+    Returns
+    -------
+    int
+        The thread count set.
+    """
+    import torch
+
+    count = default_threads() if count is None else int(count)
+    if count < 1:
+        raise GlasSegError(f"thread count must be at least 1, got {count}")
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
