@@ -97,7 +97,7 @@ def write_slide(path: Path, shape, images, places, jpeg: bool = False) -> None:
                       **compression, **options)
 
 
-def run_cli(slide: Path, out: Path, model: str) -> dict:
+def run_cli(slide: Path, out: Path, model: str, chunk_size: int = 2048) -> dict:
     """``glas-seg segment-slide`` in a child process: wall time and its own peak RSS."""
     # VmHWM (the peak of this process's own memory map), not ru_maxrss: Linux carries ru_maxrss
     # over exec, so a child would report the benchmark's own peak.
@@ -107,7 +107,8 @@ def run_cli(slide: Path, out: Path, model: str) -> dict:
             "print('BENCH', time.perf_counter() - t, kb, file=sys.stderr); sys.exit(rc)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", code, "segment-slide", str(slide), "--out", str(out), "--model",
-                           model, "--device", "cpu", "--restart"], env=env, capture_output=True, text=True)
+                           model, "--device", "cpu", "--restart", "--chunk-size", str(chunk_size)],
+                          env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
     line = next(ln for ln in done.stderr.splitlines() if ln.startswith("BENCH"))
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--blank", default="32000x32000", help="blank slide size (empty: none)")
     parser.add_argument("--jpeg", action="store_true", help="JPEG tiles (quality 90) instead of lossless zlib")
     parser.add_argument("--model", default="unet-glands")
+    parser.add_argument("--chunk-size", type=int, default=2048, help="segment-slide --chunk-size")
     parser.add_argument("--data", default="../shared/data/glas")
     parser.add_argument("--work", default="/tmp/bench_slide")
     args = parser.parse_args()
@@ -192,16 +194,17 @@ def main() -> None:
         shape = parse_size(size)
         places = placements(shape, images, args.tissue)
         tissue_mp = sum(images[i].shape[0] * images[i].shape[1] for _, _, i in places) / 1e6
-        slide = work / f"slide_{size}.tif"
+        slide = work / f"slide_{size}{'_jpeg' * args.jpeg}.tif"
         start = time.perf_counter()
-        write_slide(slide, shape, images, places, jpeg=args.jpeg)
+        if not slide.is_file():  # the same size and seed give the same slide: reuse it
+            write_slide(slide, shape, images, places, jpeg=args.jpeg)
         build = time.perf_counter() - start
         print(f"{size}: {len(places)} placements, {tissue_mp:.1f} MP tissue "
               f"({tissue_mp / (shape[0] * shape[1] / 1e6):.1%}), built in {build:.0f} s, "
               f"{slide.stat().st_size / 1e6:.0f} MB", flush=True)
-        run = run_cli(slide, work / f"out_{size}", args.model)
+        run = run_cli(slide, work / f"out_{size}", args.model, args.chunk_size)
         print(f"  {run['summary']}\n  wall {run['seconds']:.1f} s, peak RSS {run['peak_gb']:.2f} GB", flush=True)
-        slide_scores = score_slide(work / f"out_{size}" / f"slide_{size}_labels.zarr", samples, places)
+        slide_scores = score_slide(work / f"out_{size}" / f"{slide.stem}_labels.zarr", samples, places)
         alone = one_by_one(model, samples, places)
         expected = tissue_mp * alone["seconds_per_mp"]
         print(f"  object F1: slide {slide_scores['object_f1']:.3f}, alone {alone['alone']['object_f1']:.3f}, "
@@ -212,8 +215,9 @@ def main() -> None:
     if args.blank:
         shape = parse_size(args.blank)
         slide = work / f"blank_{args.blank}.tif"
-        write_slide(slide, shape, images, [])
-        run = run_cli(slide, work / f"out_blank_{args.blank}", args.model)
+        if not slide.is_file():
+            write_slide(slide, shape, images, [])
+        run = run_cli(slide, work / f"out_blank_{args.blank}", args.model, args.chunk_size)
         print(f"blank {args.blank}: wall {run['seconds']:.1f} s, peak RSS {run['peak_gb']:.2f} GB", flush=True)
     print("\n| slide (px) | MP | tissue MP | command wall | of which segmenting | peak RSS | object F1 slide | "
           "alone | alone on glass | segmenting / (tissue x per-image time) |")

@@ -109,6 +109,6 @@ def add_slide_labels(viewer, image_layer, result, task: str, name: str, metadata
     translate = np.asarray(image_layer.translate[-2:], float) + np.asarray(result.origin, float) * scale
     return viewer.add_labels(
         levels if len(levels) > 1 else levels[0], multiscale=len(levels) > 1, name=name, scale=scale,
-        translate=translate,
+        translate=translate, units=tuple(image_layer.units[-2:]),
         metadata={metadata_key: {"role": SLIDE_SEGMENTATION, "store": str(result.store), "image": image_layer.name,
                                  "objects": len(result.objects), "origin": list(result.origin)}})
