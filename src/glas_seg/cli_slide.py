@@ -34,7 +34,9 @@ def cmd_segment_slide(args: argparse.Namespace) -> int:
     check_segment_options(args.tile_size, args.overlap, min_size=args.min_size)
     pick_device(args.device)
     out = output_folder(args.out, "--out")
-    stem = Path(args.slide).name.split(".")[0]
+    name = Path(args.slide).name
+    stem = next((name[: -len(suffix)] for suffix in (".ome.tiff", ".ome.tif") if name.lower().endswith(suffix)),
+                Path(args.slide).stem)
     with open_slide(args.slide) as reader, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = load_model(args.model, args.device, mode=args.mode)
