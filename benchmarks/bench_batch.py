@@ -2,9 +2,12 @@
 
 Usage::
 
-    python benchmarks/bench_batch.py [--images 40] [--workers 2] [--model unet-glands] [--data ../shared/data/glas]
+    python benchmarks/bench_batch.py [--images 40] [--slides 2] [--slide-size 4000x3000] [--workers 2]
+                                     [--model unet-glands] [--data ../shared/data/glas]
 
-Segments the first ``--images`` GlaS training images (sorted by name) into two temporary
+Segments the first ``--images`` GlaS training images (sorted by name) and ``--slides`` synthetic
+whole-slide images (pyramidal TIFFs at 0.62 um/px: GlaS images placed on blank glass over a quarter
+of the slide, built by ``bench_slide.py``'s writer, a different placement per slide) into two temporary
 folders, once in this process (PyTorch using every core) and once on a LocalCluster of
 ``--workers`` processes with one thread each, both through :func:`glas_seg.backend.batch.run_batch`
 (what ``glas-seg segment`` and ``glas-seg segment --workers N`` run). Prints the wall time of
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +30,7 @@ import numpy as np
 import tifffile
 import torch
 
-from glas_seg.backend.batch import SegmentOptions, dask_client, remember_model, run_batch
+from glas_seg.backend.batch import SegmentOptions, dask_client, read_manifest, remember_model, run_batch
 from glas_seg.backend.registry import DEFAULT_MODEL, find_model, load_model
 
 
@@ -35,21 +39,43 @@ def glas_images(data: Path, count: int) -> list[Path]:
     return images[:count]
 
 
+def synthetic_slides(folder: Path, image_paths: list[Path], count: int, size: str) -> list[Path]:
+    """``count`` pyramidal TIFF slides of GlaS images on glass (bench_slide.py's writer)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_slide import placements, write_slide
+
+    from glas_seg.backend.image_io import read_image
+
+    height, width = (int(v) for v in size.lower().split("x"))
+    pictures = [read_image(p)[..., :3] for p in image_paths]
+    paths = []
+    for k in range(count):
+        path = folder / f"synthetic_slide_{k}.tif"
+        write_slide(path, (height, width), pictures, placements((height, width), pictures, 0.25, seed=k))
+        paths.append(path)
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--slides", type=int, default=2)
+    parser.add_argument("--slide-size", default="4000x3000", help="HEIGHTxWIDTH in pixels")
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data" / "glas")
     args = parser.parse_args()
 
     images = glas_images(args.data, args.images)
-    jobs = [(p, f"{p.stem}_labels.tif") for p in images]
     entry = find_model(args.model)
     options = SegmentOptions(model_path=str(entry.path.resolve()), model_name=entry.name, device="cpu")
     results = {"images": len(images), "model": entry.name, "cpu_count": os.cpu_count(),
                "torch_threads_in_process": torch.get_num_threads(), "workers": args.workers}
     with tempfile.TemporaryDirectory() as tmp:
+        slides = synthetic_slides(Path(tmp), images[:10], args.slides, args.slide_size)
+        inputs = [*images, *slides]
+        jobs = [(p, f"{p.stem}_labels.tif") for p in inputs]
+        results["slides"] = {"count": len(slides), "size": args.slide_size}
         here, there = Path(tmp) / "in_process", Path(tmp) / "cluster"
         remember_model(options, load_model(entry.path, "cpu"))
         summary = run_batch(jobs, here, options)
@@ -65,8 +91,12 @@ def main() -> None:
         results["identical_outputs"] = not differ
         results["differing"] = differ
         results["throughput_ratio_cluster_vs_in_process"] = round(results["in_process_s"] / results["cluster_s"], 2)
-        results["images_per_s"] = {"in_process": round(len(images) / results["in_process_s"], 2),
-                                   "cluster": round(len(images) / results["cluster_s"], 2)}
+        results["inputs_per_s"] = {"in_process": round(len(inputs) / results["in_process_s"], 3),
+                                   "cluster": round(len(inputs) / results["cluster_s"], 3)}
+        results["seconds_per_input"] = {
+            name: {Path(k).name: v["seconds"]["total"] for k, v in read_manifest(folder)["inputs"].items()
+                   if Path(k) in slides}
+            for name, folder in (("in_process", here), ("cluster", there))}
     print(json.dumps(results, indent=1))
 
 

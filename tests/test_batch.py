@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from glas_seg.backend.batch import MANIFEST_NAME, SegmentOptions, dask_client, r
 from glas_seg.backend.errors import GlasSegError
 
 from _bad_input import assert_one_line_error, cli, glands_image, tiny_model
+from test_slide import write_pyramid
 from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,7 +48,10 @@ def model(tmp_path):
 
 
 def test_local_cluster_matches_in_process_and_keeps_one_model_per_worker(tmp_path, model, client):
-    images = write_images(tmp_path / "in", 4)
+    images = write_images(tmp_path / "in", 3)
+    # A whole-slide image is one unit of work too: a 2-level pyramidal TIFF at the model's 0.62 um/px.
+    slide = write_pyramid(tmp_path / "in" / "slide.tif", np.tile(glands_image(7, 128)[0], (4, 5, 1)), mpp=0.62, levels=2)
+    images.append(slide)
     bad = tmp_path / "in" / "broken.png"
     bad.write_bytes(b"not an image")
     jobs = [(p, f"{p.stem}_labels.tif") for p in [*images, bad]]
@@ -65,6 +70,10 @@ def test_local_cluster_matches_in_process_and_keeps_one_model_per_worker(tmp_pat
     entries = manifest["inputs"]
     assert entries[str(bad.resolve())]["state"] == "failed" and entries[str(bad.resolve())]["message"]
     done = [e for e in entries.values() if e["state"] == "done"]
+    slide_entry = entries[str(slide.resolve())]
+    assert slide_entry["slide"] and [Path(p).name for p in slide_entry["outputs"]] == [
+        "slide_labels.zarr", "slide_labels.tif", "slide_objects.geojson", "slide_objects.csv"]
+    assert tifffile.imread(tmp_path / "there" / "slide_labels.tif").shape == (512, 640)
     assert len(done) == 4 and all(e["seconds"]["total"] > 0 and e["outputs"] for e in done)
     assert all(e["worker"].split(":")[1] != str(os.getpid()) for e in done)  # ran on the workers
     # Each worker process loaded the model at most once and kept it.

@@ -326,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "A manifest in --out (glas_seg_batch.json) records each image's state, outputs "
                                      "and timings: the same command again skips the images done. --workers / "
                                      "--cluster spread the images over dask worker processes (docs/cluster.md).")
-    seg.add_argument("images", nargs="+", help="PNG, BMP, JPEG or TIFF images")
+    seg.add_argument("images", nargs="+",
+                     help="PNG, BMP, JPEG or TIFF images, or whole-slide images (SVS, NDPI, MRXS, pyramidal TIFF...): "
+                          "each slide is segmented chunk by chunk and gets the files of segment-slide")
     seg.add_argument("--out", required=True,
                      help="output folder (created if missing); an existing <stem>_labels.tif there is replaced "
                           "and each replacement is reported; two inputs with the same stem are refused")

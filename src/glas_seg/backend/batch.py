@@ -1,7 +1,9 @@
 """Segmenting many images: in this process, on a local dask cluster, or on a running dask scheduler.
 
-One image is the unit of work. :func:`segment_one` reads it, segments it and writes its label
-map atomically; it never raises for a bad input but returns a record (done, or failed with the
+One image or one whole-slide image is the unit of work. :func:`segment_one` reads an image,
+segments it and writes its label map atomically (a slide goes through
+:func:`.slide_segment.segment_slide`, chunk by chunk, and gets the files of ``glas-seg
+segment-slide``); it never raises for a bad input but returns a record (done, or failed with the
 message), so one bad file fails alone. It runs in this process or on dask.distributed workers,
 where each worker process loads the model once and keeps it (:func:`cached_model`, keyed by the
 model file, device and mode).
@@ -123,8 +125,30 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, (ValueError, OSError)) and text else f"{type(exc).__name__}: {text}"
 
 
+def _segment_slide(model, slide_path: str, target: Path, options: SegmentOptions) -> tuple[list[str], int]:
+    """One slide -> ``<stem>_labels.zarr`` (resumable chunk store), ``<stem>_labels.tif`` (pyramid),
+    ``<stem>_objects.geojson`` and ``<stem>_objects.csv`` next to ``target``; the files
+    ``glas-seg segment-slide`` writes. Returns (output paths, number of objects)."""
+    from .slide import open_slide
+    from .slide_export import export_objects, write_labels_tiff
+    from .slide_segment import open_labels, segment_slide
+
+    stem = target.name[: -len("_labels.tif")] if target.name.endswith("_labels.tif") else target.stem
+    folder = target.parent
+    with open_slide(slide_path) as reader:
+        result = segment_slide(model, reader, folder / f"{stem}_labels.zarr", min_size=options.min_size,
+                               mask_glass=options.mask_glass, tile_size=options.tile_size, overlap=options.overlap,
+                               tta=options.tta)
+    levels = open_labels(result.store)
+    tiff = write_labels_tiff(levels, target, result.mpp)
+    geojson, table = folder / f"{stem}_objects.geojson", folder / f"{stem}_objects.csv"
+    export_objects(levels[0], result.objects, mpp=result.mpp, origin=result.origin, task=model.config.task,
+                   geojson=geojson, csv_path=table)
+    return [str(result.store), str(tiff), str(geojson), str(table)], len(result.objects)
+
+
 def segment_one(image_path: str, target: str, options: SegmentOptions) -> dict:
-    """Segment one image and write ``target`` (int32 TIFF) atomically; runs on any worker.
+    """Segment one image (or slide) and write ``target`` (int32 TIFF) atomically; runs on any worker.
 
     Returns
     -------
@@ -139,6 +163,7 @@ def segment_one(image_path: str, target: str, options: SegmentOptions) -> dict:
     from .image_io import read_image
     from .inference import segment
     from .outputs import write_file
+    from .slide import is_slide
 
     seconds: dict[str, float] = {}
     started = last = time.perf_counter()
@@ -153,16 +178,21 @@ def segment_one(image_path: str, target: str, options: SegmentOptions) -> dict:
     try:
         model = cached_model(options)
         lap("load")
-        image = read_image(image_path)
-        lap("read")
-        result = segment(model, image, min_size=options.min_size, tile_size=options.tile_size,
-                         overlap=options.overlap, tta=options.tta, mask_glass=options.mask_glass)
-        lap("segment")
         target_path = Path(target)
         replaced = target_path.is_file()
-        write_file(target_path, lambda tmp: tifffile.imwrite(tmp, result.labels, compression="zlib"), "label map")
-        lap("write")
-        record.update(state="done", outputs=[str(target_path)], objects=int(result.labels.max()), replaced=replaced)
+        if is_slide(image_path):
+            outputs, objects = _segment_slide(model, image_path, target_path, options)
+            lap("segment")
+            record.update(state="done", outputs=outputs, objects=objects, replaced=replaced, slide=True)
+        else:
+            image = read_image(image_path)
+            lap("read")
+            result = segment(model, image, min_size=options.min_size, tile_size=options.tile_size,
+                             overlap=options.overlap, tta=options.tta, mask_glass=options.mask_glass)
+            lap("segment")
+            write_file(target_path, lambda tmp: tifffile.imwrite(tmp, result.labels, compression="zlib"), "label map")
+            lap("write")
+            record.update(state="done", outputs=[str(target_path)], objects=int(result.labels.max()), replaced=replaced)
     except Exception as exc:  # noqa: BLE001 -- one bad input fails alone, whatever the cause
         record.update(state="failed", message=_one_line(exc))
     seconds["total"] = round(time.perf_counter() - started, 4)
@@ -226,7 +256,7 @@ def plan(manifest: dict | None, settings: dict, jobs: list[tuple[str, str]], out
     for image, name in jobs:
         entry = entries.get(image)
         done = (entry is not None and entry.get("state") == "done" and entry.get("output") == name
-                and all(Path(p).is_file() for p in entry.get("outputs", [])) and (out / name).is_file())
+                and all(Path(p).exists() for p in entry.get("outputs", [])) and (out / name).is_file())
         if done:
             skipped.append(image)
         else:
