@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, SpinBox
+from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, PushButton, SpinBox
 from napari.layers import Image, Labels
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QObject, QTimer, Signal
@@ -80,6 +80,9 @@ class SegmentWidget(Container):
         self.image = ComboBox(label="Image", choices=self._image_layers, nullable=True)
         self.model = ComboBox(label="Model", choices=self._model_names)
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
+        self.export_button = PushButton(text="Export model...",
+                                        tooltip="write the selected model as ONNX (onnxruntime) or TorchScript "
+                                                "(QuPath, Fiji), with a JSON file of its settings (docs/export.md)")
         self._has_modes = False  # whether the selected model's architecture has inference modes
         self.mode = ComboBox(label="Inference mode", choices=["accurate", "fast"], value="accurate", visible=False,
                              tooltip="U-Net++: accurate averages all heads; fast uses one pruned head")
@@ -98,7 +101,8 @@ class SegmentWidget(Container):
                                            "tissue there and keep it background (glands at tissue edges)")
         self.min_size = SpinBox(label="Min object size (px)", min=0, max=100000, step=50, value=400, visible=False)
         self.extend([
-            self.image, self.slide_region, self.model, self.mode, self.device, self.planes, self.probabilities,
+            self.image, self.slide_region, self.model, self.mode, self.export_button, self.device, self.planes,
+            self.probabilities,
             self.advanced,
             self.tile_size, self.overlap, self.tta, self.mask_glass, self.min_size, *self.panel.widgets,
         ])
@@ -112,6 +116,7 @@ class SegmentWidget(Container):
         self.model.changed.connect(self._apply_model_defaults)
         self.advanced.changed.connect(self._toggle_advanced)
         self.run_button.changed.connect(self.run)
+        self.export_button.changed.connect(lambda _value=None: self.export_model())
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self.reset_choices)
         napari_viewer.layers.selection.events.active.connect(self._follow_active_layer)
@@ -230,6 +235,41 @@ class SegmentWidget(Container):
 
         self.panel.start(job, lambda out: self._add_layers(layer, stack_shape, *out), f"glas-seg: segmenting {layer.name}",
                          f"Segmenting {layer.name} ({len(planes)} plane{'s' * (len(planes) > 1)})...")
+
+    def export_model(self, path: str | None = None) -> None:
+        """Export the selected model in the background (docs/export.md); asks for the file unless
+        ``path`` is given. ``.pt`` means TorchScript, anything else ONNX."""
+        if self.task.running:
+            show_info("glas-seg: wait until the running task has finished")
+            return
+        if not self.model.value:
+            show_warning("glas-seg: no model is available")
+            return
+        name, mode = self.model.value, (self.mode.value if self._has_modes else None)
+        if path is None:
+            from pathlib import Path
+
+            from qtpy.QtWidgets import QFileDialog
+
+            path, chosen = QFileDialog.getSaveFileName(
+                self.native, f"Export {name}", f"{name}.onnx",
+                "ONNX, for onnxruntime (*.onnx);;TorchScript, for QuPath / Fiji (*.pt)")
+            if not path:
+                return
+            if not Path(path).suffix:  # the filter chosen names the format
+                path += ".pt" if chosen.startswith("TorchScript") else ".onnx"
+        fmt = "torchscript" if str(path).lower().endswith((".pt", ".pth")) else "onnx"
+
+        def job(report, cancel):
+            from .backend.export import export_model, sidecar_path
+
+            written = export_model(name, path, format=fmt, mode=mode)
+            return written, sidecar_path(written)
+
+        def done(out) -> None:
+            self.status.value = f"Exported {name} ({fmt}) to {out[0]}; its settings are in {out[1].name}"
+
+        self.panel.start(job, done, f"glas-seg: exporting {name}", f"Exporting {name} as {fmt}...")
 
     def _run_slide(self, layer: Image) -> None:
         try:

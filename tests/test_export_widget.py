@@ -1,0 +1,34 @@
+"""Exporting a model from the Segment widget (runs under Xvfb)."""
+
+import json
+
+import pytest
+
+from glas_seg._widget_segment import SegmentWidget
+from glas_seg.backend.export import sidecar_path
+
+pytestmark = pytest.mark.gui
+
+
+def export_and_wait(qtbot, w, path=None) -> str:
+    with qtbot.waitSignal(w.task.finished, timeout=60000) as blocker:
+        w.export_model(path)
+    return blocker.args[0]
+
+
+def test_export_button_writes_the_selected_model(docked, qtbot, tmp_path, monkeypatch):
+    _, w = docked(SegmentWidget)
+    assert w.model.value == "unet-glands" and w.export_button in list(w)
+    from qtpy.QtWidgets import QFileDialog
+
+    # The file dialog: a name without suffix, the TorchScript filter chosen -> model.pt
+    monkeypatch.setattr(QFileDialog, "getSaveFileName",
+                        staticmethod(lambda *a, **k: (str(tmp_path / "model"), "TorchScript, for QuPath / Fiji (*.pt)")))
+    assert export_and_wait(qtbot, w) == "done"
+    written = tmp_path / "model.pt"
+    assert written.is_file() and json.loads(sidecar_path(written).read_text())["format"] == "torchscript"
+    assert str(written) in w.status.value
+
+    w.model.value = "maskrcnn-glands"  # detections, not probabilities: refused with a message
+    assert export_and_wait(qtbot, w, str(tmp_path / "m.onnx")) == "failed"
+    assert "cannot be exported" in w.status.value and not (tmp_path / "m.onnx").exists()
