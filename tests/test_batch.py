@@ -149,4 +149,5 @@ def test_a_killed_run_resumes_without_redoing_what_is_done(tmp_path, model, caps
         assert (now.st_ino, now.st_mtime_ns) == (stat.st_ino, stat.st_mtime_ns)
     states = {e["state"] for e in read_manifest(out)["inputs"].values()}
     assert states == {"done"}
-    assert all((out / f"{p.stem}_labels.tif").is_file() for p in images)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST_NAME, *(f"{p.stem}_labels.tif" for p in images)])
+    # (no temporary file of the killed run is left)

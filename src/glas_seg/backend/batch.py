@@ -20,6 +20,7 @@ minimum size, mode): when they change, every input is segmented again.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -78,6 +79,7 @@ class SegmentOptions:
 
 # -- on a worker --------------------------------------------------------------------------------
 _MODELS: dict[tuple, object] = {}  # per process: one dask worker process keeps its model here
+MODELS_KEPT = 2  # a long-lived worker serving several cohorts keeps only the latest models
 
 
 def _worker_threads() -> int | None:
@@ -91,12 +93,18 @@ def _worker_threads() -> int | None:
 
 
 def _model_key(options: SegmentOptions) -> tuple:
-    return (options.model_path, options.device, options.mode)
+    # The file's size and modification time too: a worker of a long-lived cluster must not keep
+    # serving a model whose file was replaced since (same path, new weights).
+    stat = os.stat(options.model_path)
+    return (options.model_path, stat.st_size, stat.st_mtime_ns, options.device, options.mode)
 
 
 def remember_model(options: SegmentOptions, model) -> None:
     """Use an already loaded model for ``options`` in this process (the in-process path loads
     it once up front, to fail early on a damaged file)."""
+    _MODELS.pop(_model_key(options), None)
+    while len(_MODELS) >= MODELS_KEPT:
+        _MODELS.pop(next(iter(_MODELS)))
     _MODELS[_model_key(options)] = model
 
 
@@ -113,6 +121,8 @@ def cached_model(options: SegmentOptions):
             # One torch thread per dask thread: N worker processes each using every core
             # would oversubscribe the machine many times over.
             torch.set_num_threads(threads)
+        while len(_MODELS) >= MODELS_KEPT:
+            _MODELS.pop(next(iter(_MODELS)))  # the oldest first (dicts keep insertion order)
         _MODELS[key] = load_model(options.model_path, options.device, mode=options.mode)
     return _MODELS[key]
 
@@ -373,6 +383,9 @@ def run_batch(
     jobs = [(str(Path(image).resolve()), name) for image, name in jobs]
     settings = options.fingerprint(file_sha256(options.model_path))
     manifest, todo, skipped = plan(read_manifest(out), settings, jobs, out)
+    for _, name in todo:  # temporary files of a run killed while writing (atomic_write's names)
+        for stale in out.glob(f".{glob.escape(name)}.*.part"):
+            stale.unlink(missing_ok=True)
     settings_changed = bool(manifest.pop("settings_changed", False))
     run = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "executor": executor,
            "inputs": len(jobs), "already_done": len(skipped), "done": 0, "failed": 0}
