@@ -20,7 +20,6 @@ from glas_seg.backend.batch import MANIFEST_NAME, SegmentOptions, dask_client, r
 from glas_seg.backend.errors import GlasSegError
 
 from _bad_input import assert_one_line_error, cli, glands_image, tiny_model
-from test_slide import write_pyramid
 from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -33,6 +32,16 @@ def write_images(folder, count: int, size: int = 96) -> list:
         imsave(folder / f"img{k}.png", glands_image(k, size)[0], check_contrast=False)
         paths.append(folder / f"img{k}.png")
     return paths
+
+
+def write_pyramid(path, image: np.ndarray, mpp: float, levels: int = 2):
+    """A tiled pyramidal TIFF (a slide for glas-seg): the base level, then halved ``levels - 1`` times."""
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, subifds=levels - 1, tile=(128, 128), compression="zlib",
+                  resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        for i in range(1, levels):
+            tif.write(image[:: 2**i, :: 2**i], subfiletype=1, tile=(128, 128), compression="zlib")
+    return path
 
 
 @pytest.fixture(scope="module")
