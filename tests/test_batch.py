@@ -100,6 +100,11 @@ def test_cli_cluster_address_and_bad_addresses(tmp_path, model, client, capsys):
                     "--cluster", client.scheduler.address, "--device", "cpu")
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [MANIFEST_NAME, "img0_labels.tif", "img1_labels.tif"]
+    # An OME-TIFF slide gets the names segment-slide gives it (x.ome.tif -> x_labels.tif ...).
+    from glas_seg.cli import _label_targets
+
+    assert [n for _, n in _label_targets(["a/x.ome.tif", "b/y.OME.TIFF", "c/z.png"])] == [
+        "x_labels.tif", "y_labels.tif", "z_labels.tif"]
     code, err = cli(capsys, "segment", *images, "--out", tmp_path / "out2", "--model", model, "--workers", "0")
     assert_one_line_error(code, err, "--workers")
     code, err = cli(capsys, "segment", *images, "--out", tmp_path / "out2", "--model", model,

@@ -120,7 +120,10 @@ def _label_targets(images: list[str]) -> list[tuple[Path, str]]:
     seen: dict[str, Path] = {}
     targets = []
     for path in map(Path, images):
-        name = f"{path.stem}_labels.tif"
+        # x.ome.tif -> x_labels.tif, as segment-slide names it (.ome.tif is one suffix)
+        stem = path.name[: -len(".ome.tiff")] if path.name.lower().endswith(".ome.tiff") else (
+            path.name[: -len(".ome.tif")] if path.name.lower().endswith(".ome.tif") else path.stem)
+        name = f"{stem}_labels.tif"
         other = seen.get(name.casefold())
         if other is not None:
             if other.resolve() == path.resolve():
