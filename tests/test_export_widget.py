@@ -32,3 +32,12 @@ def test_export_button_writes_the_selected_model(docked, qtbot, tmp_path, monkey
     w.model.value = "maskrcnn-glands"  # detections, not probabilities: refused with a message
     assert export_and_wait(qtbot, w, str(tmp_path / "m.onnx")) == "failed"
     assert "cannot be exported" in w.status.value and not (tmp_path / "m.onnx").exists()
+
+
+def test_cancelled_export_leaves_no_file(docked, qtbot, tmp_path):
+    _, w = docked(SegmentWidget)
+    with qtbot.waitSignal(w.task.finished, timeout=60000) as blocker:
+        w.export_model(str(tmp_path / "u.pt"))
+        w.task.cancel()  # what the Cancel button does
+    assert blocker.args[0] == "cancelled"
+    assert list(tmp_path.iterdir()) == []

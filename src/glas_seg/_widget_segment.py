@@ -262,8 +262,13 @@ class SegmentWidget(Container):
 
         def job(report, cancel):
             from .backend.export import export_model, sidecar_path
+            from .backend.progress import Cancelled
 
             written = export_model(name, path, format=fmt, mode=mode)
+            if cancel.is_set():  # an export cannot stop half-way; a cancelled one leaves no file
+                written.unlink(missing_ok=True)
+                sidecar_path(written).unlink(missing_ok=True)
+                raise Cancelled()
             return written, sidecar_path(written)
 
         def done(out) -> None:
