@@ -35,7 +35,7 @@ CSV_COLUMNS = ["id", "centroid_x_px", "centroid_y_px", "centroid_x_um", "centroi
                "bbox_x", "bbox_y", "bbox_width", "bbox_height", "mean_probability"]
 
 
-def object_crops(labels, objects: dict, block: int = 4096) -> Iterator[tuple[int, np.ndarray, tuple[int, int]]]:
+def object_crops(labels, objects: dict, block: int = 2048) -> Iterator[tuple[int, np.ndarray, tuple[int, int]]]:
     """Each object's mask cut from a large label array, reading one block of objects at a time.
 
     Parameters
@@ -145,35 +145,44 @@ def export_objects(labels, objects: dict, *, mpp: float, origin: tuple[int, int]
     int
         Number of objects written.
     """
-    features, rows = [], []
+    rows = []
     oy, ox = origin
-    for index, mask, (y0, x0) in object_crops(labels, objects):
-        row = {"id": int(index), **measure_object(mask, (y0 + oy, x0 + ox), mpp)}
-        h, w = mask.shape
-        row.update(bbox_x=x0 + ox, bbox_y=y0 + oy, bbox_width=w, bbox_height=h)
-        probability = objects[index].get("probability")
-        row["mean_probability"] = None if probability is None else round(float(probability), 4)
-        rows.append(row)
-        if geojson is not None:
+
+    def measure(out=None) -> None:
+        # One pass over the objects; features are written as they come (never all in memory).
+        first = True
+        for index, mask, (y0, x0) in object_crops(labels, objects):
+            row = {"id": int(index), **measure_object(mask, (y0 + oy, x0 + ox), mpp)}
+            h, w = mask.shape
+            row.update(bbox_x=x0 + ox, bbox_y=y0 + oy, bbox_width=w, bbox_height=h)
+            probability = objects[index].get("probability")
+            row["mean_probability"] = None if probability is None else round(float(probability), 4)
+            rows.append(row)
+            if out is None:
+                continue
             rings = object_polygons(mask, (y0 + oy, x0 + ox))
             if not rings:
                 continue
             geometry = ({"type": "Polygon", "coordinates": [rings[0]]} if len(rings) == 1
                         else {"type": "MultiPolygon", "coordinates": [[ring] for ring in rings]})
             measurements = {k: v for k, v in row.items() if k != "id" and v is not None}
-            features.append({"type": "Feature", "id": f"glas-seg-{index}", "geometry": geometry, "properties": {
-                "objectType": "annotation", "name": f"{task} {index}",
-                "classification": {"name": task, "color": CLASS_COLOURS.get(task, [255, 200, 0])},
-                "measurements": measurements}})
+            out.write(("\n" if first else ",\n") + json.dumps({
+                "type": "Feature", "id": f"glas-seg-{index}", "geometry": geometry, "properties": {
+                    "objectType": "annotation", "name": f"{task} {index}",
+                    "classification": {"name": task, "color": CLASS_COLOURS.get(task, [255, 200, 0])},
+                    "measurements": measurements}}))
+            first = False
+
     if geojson is not None:
         def write_geojson(tmp):
             with open(tmp, "w") as f:
-                f.write('{"type": "FeatureCollection", "features": [\n')
-                for i, feature in enumerate(features):
-                    f.write((",\n" if i else "") + json.dumps(feature))
+                f.write('{"type": "FeatureCollection", "features": [')
+                measure(f)
                 f.write("\n]}\n")
 
         write_file(geojson, write_geojson, "GeoJSON")
+    else:
+        measure()
     if csv_path is not None:
         def write_csv(tmp):
             with open(tmp, "w", newline="") as f:
