@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "glas"))
     parser.add_argument("--model", default="unet-glands", help="default model (name or path)")
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--iterations", type=int, default=FinetuneSettings().iterations)
     parser.add_argument("--n-finetune", type=int, default=3, help="shifted images used as corrections")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-only", action="store_true")

@@ -118,7 +118,10 @@ def parse_config(text: str) -> tuple[str, dict]:
         if key not in fields:
             raise SystemExit(f"unknown FinetuneSettings field {key!r} in {text!r}")
         default = getattr(FinetuneSettings(), key)
-        values[key] = (raw.lower() in ("1", "true", "yes")) if isinstance(default, bool) else type(default)(raw)
+        if isinstance(default, bool):
+            values[key] = raw.lower() in ("1", "true", "yes")
+        else:  # None defaults (learning_rate: chosen for the layers) are numbers when given
+            values[key] = type(default)(raw) if default is not None else float(raw)
     return name, values
 
 
@@ -161,6 +164,7 @@ def run(args) -> None:
                 "finetune_images": [s.name for s in tune], "seconds": round(seconds, 1),
                 "iterations_run": result.history[-1]["iteration"], "load_average_before": round(load, 2),
                 "threads": torch.get_num_threads(), "tile_size": args.tile_size,
+                "layers": result.layers, "learning_rate": result.learning_rate,
                 "cohort_before": base.pooled(test), "cohort_after": tuned.pooled(test),
                 "base_scoring_seconds": round(base_seconds, 1),
             }

@@ -93,6 +93,34 @@ def test_unknown_layers_are_refused():
         trainable_names("unet", ["encoder.0.weight"], "decoder")
 
 
+def test_auto_trains_everything_only_with_many_corrected_objects(base):
+    from glas_seg.backend.finetune import count_objects
+    from glas_seg.backend.settings import AUTO_ALL_LAYERS_MIN_OBJECTS, AUTO_LEARNING_RATE
+
+    auto = FinetuneSettings()
+    assert auto.layers == "auto" and auto.learning_rate is None
+    assert auto.resolve(AUTO_ALL_LAYERS_MIN_OBJECTS - 1) == ("head", AUTO_LEARNING_RATE["head"])
+    assert auto.resolve(AUTO_ALL_LAYERS_MIN_OBJECTS) == ("all", AUTO_LEARNING_RATE["all"])
+    assert FinetuneSettings(layers="decoder", learning_rate=0.01).resolve(0) == ("decoder", 0.01)
+
+    few = sample("few", 0)  # 3 discs
+    many = Sample("many", few.image, np.zeros((64, 64), np.int32))
+    for i in range(11):  # 121 tiny squares
+        for j in range(11):
+            many.labels[2 + 5 * i: 5 + 5 * i, 2 + 5 * j: 5 + 5 * j] = 1 + i * 11 + j
+    corner = np.zeros((64, 64), bool)
+    corner[:12, :12] = True
+    assert count_objects([few]) == 3 and count_objects([many]) == 121 and count_objects([many], [corner]) == 4
+    settings = FinetuneSettings(**{**FAST, "iterations": 1})
+    head = finetune(str(base), [few], "auto-few", settings)
+    every = finetune(str(base), [many], "auto-many", settings)
+    assert (head.layers, head.learning_rate) == ("head", AUTO_LEARNING_RATE["head"])
+    assert (every.layers, every.learning_rate) == ("all", AUTO_LEARNING_RATE["all"])
+    assert every.entry.config.training["corrected_objects"] == 121
+    old, new = weights(base), weights(head.entry.path)
+    assert all(torch.equal(old[k], new[k]) for k in old if not k.startswith("head."))
+
+
 # -- L2-SP -------------------------------------------------------------------------------------
 def test_starting_point_decay_moves_parameters_back():
     parameter = torch.nn.Parameter(torch.zeros(3))

@@ -25,7 +25,7 @@ from ._layers import ERROR_ROLES, PROBABILITY, fits
 from .backend import model_store
 from .backend.finetune import FinetuneSettings, finetune, format_before_after, samples_from_arrays
 from .backend.registry import DEFAULT_MODEL, list_models
-from .backend.settings import LAYER_CHOICES
+from .backend.settings import FINETUNE_LAYER_CHOICES
 
 if TYPE_CHECKING:
     import napari
@@ -136,8 +136,11 @@ class FinetuneWidget(Container):
         self.regions = ComboBox(label="Regions (Shapes)", choices=self._shapes_layers, nullable=True,
                                 tooltip="Rectangles or polygons around the corrected areas; empty: whole images")
         self.iterations = SpinBox(label="Iterations", min=1, max=100000, step=50, value=_FT.iterations)
-        self.learning_rate = FloatSpinBox(label="Learning rate", min=1e-6, max=0.1, step=1e-5, value=_FT.learning_rate)
+        self.learning_rate = FloatSpinBox(label="Learning rate", min=0.0, max=0.1, step=1e-5,
+                                          value=_FT.learning_rate or 0.0,
+                                          tooltip="auto: 1e-3 when only the head trains, 3e-5 otherwise")
         self.learning_rate.native.setDecimals(6)
+        self.learning_rate.native.setSpecialValueText("auto")  # shown at 0, which means None
         self.augment = CheckBox(text="Augmentation", value=_FT.augment)
         self.val_share = FloatSpinBox(label="Validation share", min=0.0, max=0.9, step=0.05, value=_FT.val_fraction,
                                       tooltip="Share of the images held out to measure the model (needs 2+ images); "
@@ -145,8 +148,9 @@ class FinetuneWidget(Container):
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.new_name = LineEdit(label="New model name", value="")
         self.advanced = CheckBox(text="Advanced options", value=False)
-        self.layers = ComboBox(label="Layers to train", choices=list(LAYER_CHOICES), value=_FT.layers, visible=False,
-                               tooltip="all; decoder: all but the encoder; head: the output layer(s) only")
+        self.layers = ComboBox(label="Layers to train", choices=list(FINETUNE_LAYER_CHOICES), value=_FT.layers,
+                               visible=False, tooltip="all; decoder: all but the encoder; head: the output layer(s) "
+                                                      "only; auto: all with 100+ corrected objects, else head")
         self.l2sp = FloatSpinBox(label="Pull to base (L2-SP)", min=0.0, max=10000.0, step=10.0, value=_FT.l2sp,
                                  visible=False, tooltip="Weight decay towards the base model's weights; 0: off")
         self.augment_strength = FloatSpinBox(label="Augmentation strength", min=0.0, max=2.0, step=0.25,
@@ -313,7 +317,7 @@ class FinetuneWidget(Container):
 
     def settings(self) -> FinetuneSettings:
         return FinetuneSettings(
-            iterations=int(self.iterations.value), learning_rate=float(self.learning_rate.value),
+            iterations=int(self.iterations.value), learning_rate=float(self.learning_rate.value) or None,
             augment=bool(self.augment.value), val_fraction=float(self.val_share.value), device=self.device.value,
             eval_every=max(10, int(self.iterations.value) // 8), layers=self.layers.value, l2sp=float(self.l2sp.value),
             augment_strength=float(self.augment_strength.value), patience=int(self.patience.value),
@@ -379,7 +383,7 @@ class FinetuneWidget(Container):
     def _on_result(self, result) -> None:
         self.last_result = result
         name = result.entry.name
-        text = f"Saved model {name!r} ({result.wall_seconds:.0f} s)."
+        text = f"Saved model {name!r} ({result.wall_seconds:.0f} s; trained {result.layers}, lr {result.learning_rate:g})."
         report = format_before_after(result)
         if report:
             text += f" {report}."

@@ -261,6 +261,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                           overwrite=args.overwrite, progress=progress)
     finally:
         bar.close()
+    print(f"trained layers: {result.layers}, learning rate {result.learning_rate:g}", file=sys.stderr)
     print(f"saved user model {result.entry.name!r} to {result.entry.path} ({result.wall_seconds:.0f} s); "
           f"use it with: glas-seg segment --model {result.entry.name} ...", file=sys.stderr)
     report = format_before_after(result)
@@ -315,7 +316,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     # Defaults come from the backend (no torch import): one place each, shared with the API.
     from .backend.registry import DEFAULT_MODEL
-    from .backend.settings import DEFAULT_OVERLAP, LAYER_CHOICES, FinetuneSettings
+    from .backend.settings import DEFAULT_OVERLAP, FINETUNE_LAYER_CHOICES, FinetuneSettings
 
     ft_defaults = FinetuneSettings()
     parser = argparse.ArgumentParser(
@@ -410,16 +411,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--name", required=True, help="name of the new user model")
     ft.add_argument("--iterations", type=int, default=ft_defaults.iterations,
                     help="optimizer steps, each on --batch-size random crops (default: %(default)s; a few minutes on a CPU)")
-    ft.add_argument("--lr", type=float, default=ft_defaults.learning_rate, help="peak learning rate (default: %(default)s)")
+    ft.add_argument("--lr", type=float, default=ft_defaults.learning_rate,
+                    help="peak learning rate (default: 1e-3 when only the head trains, 3e-5 otherwise)")
     ft.add_argument("--batch-size", type=int, default=ft_defaults.batch_size, help="crops per step (default: %(default)s)")
     ft.add_argument("--crop-size", type=int, default=ft_defaults.crop_size,
                     help="crop side at the model's working scale (default: %(default)s)")
     ft.add_argument("--no-augment", action="store_true", help="train on plain crops")
     ft.add_argument("--augment-strength", type=float, default=ft_defaults.augment_strength,
                     help="scale of flips, rotations, elastic, colour and stain jitter, 0-2 (default: %(default)s)")
-    ft.add_argument("--layers", choices=LAYER_CHOICES, default=ft_defaults.layers,
-                    help="which parameters train: all, decoder (all but the encoder), head (output layers only) "
-                         "(default: %(default)s)")
+    ft.add_argument("--layers", choices=FINETUNE_LAYER_CHOICES, default=ft_defaults.layers,
+                    help="which parameters train: all, decoder (all but the encoder), head (output layers only); "
+                         "auto: all when the corrected images hold 100+ objects, else head (default: %(default)s)")
     ft.add_argument("--l2sp", type=float, default=ft_defaults.l2sp,
                     help="pull towards the base model's weights (L2-SP; 0: off; default: %(default)s)")
     ft.add_argument("--update-norm-stats", action="store_true",

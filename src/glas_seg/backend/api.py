@@ -298,7 +298,7 @@ def finetune(
     base: str | Path = DEFAULT_MODEL,
     masks: Sequence[np.ndarray] | None = None,
     iterations: int = _FT.iterations,
-    learning_rate: float = _FT.learning_rate,
+    learning_rate: float | None = _FT.learning_rate,
     batch_size: int = _FT.batch_size,
     crop_size: int = _FT.crop_size,
     augment: bool = _FT.augment,
@@ -339,16 +339,18 @@ def finetune(
         Optimizer steps, each on ``batch_size`` random crops. The defaults of this and the
         following options are :class:`FinetuneSettings`' (chosen by the benchmark in
         docs/finetuning.md).
-    learning_rate : float
-        Peak learning rate (AdamW, short warm-up, cosine decay).
+    learning_rate : float or None
+        Peak learning rate (AdamW, short warm-up, cosine decay); None: 1e-3 when only the head
+        trains, 3e-5 otherwise.
     batch_size, crop_size : int
         Crops per step and their side, in pixels at the model's working scale.
     augment : bool, default True
         Random flips, rotations, elastic, colour and stain jitter.
     augment_strength : float in ``[0, 2]``
         Scale of those transforms (1: as the bundled models were trained).
-    layers : {"all", "decoder", "head"}
-        Which parameters train: all, everything but the encoder, or the output layer(s) only.
+    layers : {"auto", "all", "decoder", "head"}
+        Which parameters train: all, everything but the encoder, or the output layer(s) only;
+        "auto": all when the corrected images hold 100 objects or more, else the head.
     l2sp : float
         Pull towards the base model's weights (L2-SP; 0 turns it off).
     val_fraction : float in ``[0, 0.9]``, default 0

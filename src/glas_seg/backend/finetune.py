@@ -56,6 +56,10 @@ class FinetuneResult:
         0 when no checkpoint beat the base model, whose weights are then kept.
     stopped_early : bool
         Validation stopped improving and the run ended before ``iterations``.
+    layers : str
+        The layers that trained (``"auto"`` decided, :meth:`FinetuneSettings.resolve`).
+    learning_rate : float
+        The peak learning rate used.
     """
 
     entry: ModelEntry
@@ -67,6 +71,8 @@ class FinetuneResult:
     wall_seconds: float = 0.0
     best_iteration: int | None = None
     stopped_early: bool = False
+    layers: str = ""
+    learning_rate: float = 0.0
 
 
 # -- building training samples -------------------------------------------------------------------
@@ -269,11 +275,13 @@ def finetune(
         description=description or f"{base_entry.name} fine-tuned on {len(train_samples)} corrected image(s)",
         training={"created": created, "fine_tuned_from": base_entry.name},
     )
+    n_objects = count_objects(train_samples, train_masks)
+    layers, learning_rate = settings.resolve(n_objects)
     train_settings = TrainSettings(
         iterations=settings.iterations, eval_every=settings.eval_every if val else settings.iterations,
-        batch_size=settings.batch_size, crop_size=settings.crop_size, learning_rate=settings.learning_rate,
+        batch_size=settings.batch_size, crop_size=settings.crop_size, learning_rate=learning_rate,
         warmup=min(20, max(1, settings.iterations // 10)), augment=settings.augment, seed=settings.seed,
-        device=settings.device, freeze_norm=settings.freeze_norm, layers=settings.layers, l2sp=settings.l2sp,
+        device=settings.device, freeze_norm=settings.freeze_norm, layers=layers, l2sp=settings.l2sp,
         augment_strength=settings.augment_strength, patience=settings.patience if val else 0,
     )
     history: list[dict] = []
@@ -317,6 +325,9 @@ def finetune(
             "iterations": history[-1]["iteration"] if history else settings.iterations,
             "best_iteration": best_iteration,
             "settings": asdict(settings),
+            "layers": layers,
+            "learning_rate": learning_rate,
+            "corrected_objects": n_objects,
             "device": str(device),
             "wall_seconds": round(wall, 1),
             "validation_before": _rounded(before),
@@ -332,7 +343,16 @@ def finetune(
             torch.cuda.empty_cache()
     return FinetuneResult(entry, history, before, after, [s.name for s in train_samples], [s.name for s in val],
                           time.perf_counter() - started, best_iteration,
-                          any(e.get("stopped_early") for e in history))
+                          any(e.get("stopped_early") for e in history), layers, learning_rate)
+
+
+def count_objects(samples: Sequence[Sample], masks: Sequence[np.ndarray] | None = None) -> int:
+    """Objects (distinct ids) in the samples' labels, only inside the masks when given."""
+    total = 0
+    for i, sample in enumerate(samples):
+        labels = sample.labels if masks is None else sample.labels[masks[i]]
+        total += int(np.count_nonzero(np.unique(labels)))
+    return total
 
 
 def _best_validation(history: list[dict], before: dict) -> tuple[int, dict]:

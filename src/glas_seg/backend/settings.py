@@ -16,6 +16,17 @@ DEFAULT_OVERLAP = 0.25
 #: Which parameters a fine-tune trains (backend/trainable.py): all of them, everything but the
 #: encoder, or only the output layer(s).
 LAYER_CHOICES = ("all", "decoder", "head")
+#: What a fine-tune may be asked for: those, or "auto" (:meth:`FinetuneSettings.resolve`).
+FINETUNE_LAYER_CHOICES = ("auto", *LAYER_CHOICES)
+
+#: "auto" trains every layer when the corrected images hold at least this many objects, else only
+#: the head. Measured (docs/finetuning.md): 3 GlaS images (about 30 glands) lost object F1 on the
+#: rest of their cohort when every layer trained and gained a little with the head alone; 3 TNBC
+#: tiles (hundreds of nuclei) gained most with every layer trained.
+AUTO_ALL_LAYERS_MIN_OBJECTS = 100
+#: Learning rates "auto" uses: the head alone moves slowly and can take a large rate; every
+#: layer at 3e-4 (the earlier default) or even 1e-4 overfitted three images within 100 steps.
+AUTO_LEARNING_RATE = {"head": 1e-3, "decoder": 3e-5, "all": 3e-5}
 
 
 @dataclass
@@ -27,17 +38,19 @@ class FinetuneSettings:
     ----------
     iterations : int
         Optimizer steps.
-    learning_rate : float
-        Peak learning rate (AdamW), after a short warm-up, decayed with a cosine schedule.
+    learning_rate : float or None
+        Peak learning rate (AdamW), after a short warm-up, decayed with a cosine schedule;
+        None picks one for the layers that train (``AUTO_LEARNING_RATE``).
     batch_size, crop_size : int
         Crops per step and their side, in pixels at the model's working scale.
     augment : bool
         Random flips, rotations, elastic, colour and stain jitter of the crops.
     augment_strength : float in [0, 2]
         Scale of those transforms (1: as the bundled models were trained).
-    layers : {"all", "decoder", "head"}
+    layers : {"auto", "all", "decoder", "head"}
         Which parameters train: all, everything but the encoder, or only the output layer(s)
-        (the split is a fact of each architecture, :class:`.models.Architecture`).
+        (the split is a fact of each architecture, :class:`.models.Architecture`); "auto": all
+        when the corrected images hold ``AUTO_ALL_LAYERS_MIN_OBJECTS`` objects or more, else the head.
     l2sp : float
         Pull towards the base model's weights (L2-SP, decoupled like AdamW's weight decay:
         ``w -= lr * l2sp * (w - w_base)`` per step); 0 turns it off.
@@ -58,16 +71,14 @@ class FinetuneSettings:
         ``"auto"``, ``"cpu"``, ``"cuda"``... (see :func:`.registry.pick_device`).
     """
 
-    # Chosen by benchmarks/bench_finetune_cohort.py (docs/finetuning.md): on 3 images of an unseen
-    # cohort, training every layer (even at lr 3e-5) made the model worse on the rest of that
-    # cohort and on the original images; the output layer alone, at 1e-3, did not.
+    # Chosen by benchmarks/bench_finetune_cohort.py (docs/finetuning.md), as are "auto" and its rates.
     iterations: int = 100
-    learning_rate: float = 1e-3
+    learning_rate: float | None = None
     batch_size: int = 4
     crop_size: int = 192
     augment: bool = True
     augment_strength: float = 1.0
-    layers: str = "head"
+    layers: str = "auto"
     l2sp: float = 0.0
     val_fraction: float = 0.0
     eval_every: int = 50
@@ -79,19 +90,33 @@ class FinetuneSettings:
     def __post_init__(self) -> None:
         if self.iterations < 1:
             raise GlasSegError("iterations must be at least 1")
-        if not 0 < self.learning_rate < 1:
-            raise GlasSegError("learning rate must be between 0 and 1")
+        if self.learning_rate is not None and not 0 < self.learning_rate < 1:
+            raise GlasSegError("learning rate must be between 0 and 1 (or None: chosen for the layers)")
         if self.batch_size < 1 or self.crop_size < 32:
             raise GlasSegError("batch size must be at least 1 and crop size at least 32")
         if not 0 <= self.val_fraction <= 0.9:
             raise GlasSegError("validation share must be between 0 and 0.9")
         if self.eval_every < 1:
             raise GlasSegError("eval_every must be at least 1")
-        if self.layers not in LAYER_CHOICES:
-            raise GlasSegError(f"layers must be one of {', '.join(LAYER_CHOICES)}, not {self.layers!r}")
+        if self.layers not in FINETUNE_LAYER_CHOICES:
+            raise GlasSegError(f"layers must be one of {', '.join(FINETUNE_LAYER_CHOICES)}, not {self.layers!r}")
         if not self.l2sp >= 0:
             raise GlasSegError("L2-SP strength must be 0 or more")
         if not 0 <= self.augment_strength <= 2:
             raise GlasSegError("augmentation strength must be between 0 and 2")
         if self.patience < 0:
             raise GlasSegError("patience must be 0 or more")
+
+    def resolve(self, n_objects: int) -> tuple[str, float]:
+        """The layers that train and the learning rate, "auto" and None decided.
+
+        Parameters
+        ----------
+        n_objects : int
+            Objects in the corrected training images (inside their corrected regions).
+        """
+        layers = self.layers
+        if layers == "auto":
+            layers = "all" if n_objects >= AUTO_ALL_LAYERS_MIN_OBJECTS else "head"
+        rate = self.learning_rate if self.learning_rate is not None else AUTO_LEARNING_RATE[layers]
+        return layers, rate

@@ -35,6 +35,7 @@ def trainable_names(architecture: str, names, which: str) -> list[str]:
     names : iterable of str
         Parameter names (``network.named_parameters()``).
     which : {"all", "decoder", "head"}
+        (``"auto"`` is decided before training, :meth:`.settings.FinetuneSettings.resolve`.)
 
     Raises
     ------
