@@ -116,7 +116,7 @@ def open_labels(store: str | Path) -> list:
 def tissue_mask(
     reader: SlideReader,
     mpp: float | None = None,
-    min_area_um2: float = 5_000.0,
+    min_area_um2: float = 2_000.0,
     margin_um: float = 16.0,
 ) -> tuple[np.ndarray, float]:
     """Where a slide has tissue, on a thumbnail of about :data:`TISSUE_MPP` um per pixel.
@@ -132,7 +132,7 @@ def tissue_mask(
     mpp : float, optional
         Base-level pixel size (default: the slide's; 0.5 when unknown).
     min_area_um2 : float
-        Smallest piece of tissue kept (default 0.005 mm^2, about one small gland).
+        Smallest piece of tissue kept (default 0.002 mm^2, a disk 50 um across: a small gland).
     margin_um : float
 
     Returns
@@ -510,7 +510,8 @@ def tissue_windows(tissue: np.ndarray, downsample: float, origin, core, margin: 
 
     Pieces of tissue in the core (on the thumbnail) each give their bounding box, grown by
     ``margin`` on the sides where it reaches the core's edge (by a sixteenth of it elsewhere);
-    boxes that overlap are merged. Contiguous tissue gives the chunk's whole window;
+    overlapping boxes are merged when their union costs no more pixels than the two apart (else
+    both are segmented, and objects seen twice join as across chunk borders). Contiguous tissue gives the chunk's whole window;
     small fragments scattered on glass give small windows, so the network never runs on the
     glass between them.
 
@@ -532,13 +533,17 @@ def tissue_windows(tissue: np.ndarray, downsample: float, origin, core, margin: 
         near = max(1, margin // 16)
         boxes.append([max(0, by0 - (margin if by0 == y0 else near)), min(H, by1 + (margin if by1 == y1 else near)),
                       max(0, bx0 - (margin if bx0 == x0 else near)), min(W, bx1 + (margin if bx1 == x1 else near))])
+    def area(box) -> int:
+        return (box[1] - box[0]) * (box[3] - box[2])
+
     merged = True
-    while merged:  # merge overlapping boxes until none overlap
+    while merged:  # merge overlapping boxes while their union costs less than the two apart
         merged = False
         for a in range(len(boxes)):
             for b in range(a + 1, len(boxes)):
                 p, q = boxes[a], boxes[b]
-                if p[0] < q[1] and q[0] < p[1] and p[2] < q[3] and q[2] < p[3]:
+                union = [min(p[0], q[0]), max(p[1], q[1]), min(p[2], q[2]), max(p[3], q[3])]
+                if p[0] < q[1] and q[0] < p[1] and p[2] < q[3] and q[2] < p[3] and area(union) <= area(p) + area(q):
                     boxes[a] = [min(p[0], q[0]), max(p[1], q[1]), min(p[2], q[2]), max(p[3], q[3])]
                     del boxes[b]
                     merged = True
