@@ -26,6 +26,8 @@ Usage (one thread, so that other work on the machine is slowed as little as poss
     OMP_NUM_THREADS=1 python benchmarks/bench_finetune_cohort.py --task glands --base unet-glands \\
         --config default: --config all:layers=all --out /tmp/cohort.jsonl
     python benchmarks/bench_finetune_cohort.py --summary /tmp/cohort.jsonl
+    # time one fine-tune with the defaults (glas-seg's own thread choice) on choice 0's images
+    python benchmarks/bench_finetune_cohort.py --task nuclei --base unetpp-nuclei --timing
 """
 
 from __future__ import annotations
@@ -180,6 +182,35 @@ def run(args) -> None:
                   + f" ({seconds:.0f} s)", file=sys.stderr, flush=True)
 
 
+def timing(args) -> dict:
+    """Wall time of one fine-tune with the given settings on choice 0's 3 images, no scoring.
+
+    Threads are glas-seg's own choice (backend/threads.py) unless ``GLAS_SEG_THREADS`` is set.
+    """
+    import torch
+
+    from glas_seg.backend.finetune import FinetuneSettings, finetune
+
+    os.environ["GLAS_SEG_MODEL_DIR"] = tempfile.mkdtemp(prefix="bench-cohort-store-")
+    data = Path(args.data or DATA / ("glas" if args.task == "glands" else "tnbc"))
+    cohort, _ = cohorts(args.task, data, args.cohort)
+    tune = [cohort[i] for i in choices(len(cohort), 1)[0]]
+    name, values = parse_config(args.config[0] if args.config else "default:")
+    load = os.getloadavg()
+    started, cpu = time.perf_counter(), time.process_time()
+    result = finetune(args.base, tune, "bench-timing", FinetuneSettings(**{"device": "cpu", **values}))
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+    steps = result.history[-1]["iteration"]
+    return {"task": args.task, "base": args.base, "config": name, "images": [s.name for s in tune],
+            "layers": result.layers, "iterations": steps, "wall_seconds": round(wall, 1),
+            "seconds_per_iteration": round(wall / steps, 3), "threads": torch.get_num_threads(),
+            # CPU time of this process, all threads: with one thread, the wall time it would take
+            # with a core to itself (the machine is rarely idle while other work runs)
+            "cpu_seconds": round(cpu, 1),
+            "load_average_before": [round(x, 2) for x in load],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
+
+
 def summary(path: Path) -> str:
     """Markdown table: per (base, config) mean before/after and gain (min..max over choices)."""
     rows: dict[tuple, list] = {}
@@ -225,10 +256,15 @@ def main(argv=None) -> int:
     parser.add_argument("--start-choice", type=int, default=0, help="skip the choices before this one")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="cohort.jsonl", help="JSON lines, appended")
+    parser.add_argument("--timing", action="store_true",
+                        help="only time one fine-tune (first --config, default: the defaults) on choice 0")
     parser.add_argument("--summary", default=None, help="only print the table of a results file")
     args = parser.parse_args(argv)
     if args.summary:
         print(summary(Path(args.summary)))
+        return 0
+    if args.timing:
+        print(json.dumps(timing(args)))
         return 0
     if not args.config:
         args.config = ["default:"]
