@@ -23,6 +23,8 @@ def glass_mask(
     flatness: float = 0.03,
     min_fraction: float = 0.02,
     touching_border: bool = True,
+    colour_tolerance: float = 0.04,
+    edge_band: int = 5,
 ) -> np.ndarray:
     """Where an H&E image shows blank glass.
 
@@ -44,6 +46,10 @@ def glass_mask(
         Smallest glass region, as a fraction of the image's pixels.
     touching_border : bool
         Keep only regions that touch the image border.
+    colour_tolerance : float
+        Largest difference in any channel from the glass's median colour.
+    edge_band : int
+        Pixels of the glass's colour next to it (within this distance) are glass too.
 
     Returns
     -------
@@ -68,7 +74,15 @@ def glass_mask(
         on_border[np.concatenate([regions[0], regions[-1], regions[:, 0], regions[:, -1]])] = True
         keep &= on_border
     keep[0] = False
-    return keep[regions]
+    glass = keep[regions]
+    if not glass.any():
+        return glass
+    # Bright, flat stroma next to the glass joins its region: keep only the pixels of the glass's
+    # own colour. The flatness window straddles the tissue edge, so the last few glass pixels
+    # before it were missed: grow the glass back over pixels of its colour.
+    colour = np.median(rgb[glass], axis=0)
+    same_colour = np.abs(rgb - colour).max(-1) < colour_tolerance
+    return ndi.binary_dilation(glass & same_colour, iterations=edge_band, mask=same_colour)
 
 
 def fill_glass(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
