@@ -34,7 +34,7 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, *, device: str = "auto"
 
     Parameters
     ----------
-    name_or_path : str or Path, default ``"unet-glands"``
+    name_or_path : str or Path, default ``"efficientnet-unet-glands"``
         A bundled or user model name (see :func:`list_models`) or the path of a model file.
     device : str, default ``"auto"``
         ``"auto"`` (CUDA, then Apple MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
@@ -125,7 +125,7 @@ def segment(
         uint8, uint16 (8 or 12 bits in 16), bool or float (``[0, 1]`` or ``[0, 255]``); grey
         is repeated to RGB, alpha dropped. At least 16 pixels a side. Stacks: segment one plane
         at a time.
-    model : str, Path or LoadedModel, default ``"unet-glands"``
+    model : str, Path or LoadedModel, default ``"efficientnet-unet-glands"``
         A model name (see :func:`list_models`), a ``.safetensors`` path, or a model returned by
         :func:`load_model` (load once when segmenting many images: a name is loaded each call).
     device : str, default ``"auto"``
@@ -331,7 +331,7 @@ def finetune(
     name : str
         Name of the new user model (1-64 letters, digits, ``.``, ``_``, ``+``, ``-``); checked
         before training starts.
-    base : str or Path, default ``"unet-glands"``
+    base : str or Path, default ``"efficientnet-unet-glands"``
         Name or file of the model to start from.
     masks : sequence of bool ndarray ``(H, W)``, optional
         Per image, where its labels were corrected; the loss ignores the rest.

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # annotations only: importing this module must not import tor
     import torch
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"
-DEFAULT_MODEL = "unet-glands"
+DEFAULT_MODEL = "efficientnet-unet-glands"
 
 #: How the one validation number of a model is labelled wherever it is shown (CLI, widget, docs).
 VALIDATION_LABEL = "val. object F1 (pooled)"
