@@ -152,7 +152,11 @@ def tissue_mask(
     # Glass anywhere (touching_border=False), in regions of at least ~0.1 mm^2 (lumens and
     # pale stroma inside tissue are far smaller at this resolution).
     min_fraction = min(0.5, 100_000.0 / pixel_um**2 / max(1, small.shape[0] * small.shape[1]))
-    glass = glass_mask(small.astype(np.float32) / 255, touching_border=False, min_fraction=min_fraction)
+    # No colour rule and almost no edge band: at 8-16 um per pixel a band of glass colour grown
+    # 5 pixels eats 60-80 um of pale tissue edge (100 MP benchmark slide: object F1 0.767 with the
+    # defaults, 0.797 with these, 0.808 with the glass mask before its colour rule).
+    glass = glass_mask(small.astype(np.float32) / 255, touching_border=False, min_fraction=min_fraction,
+                       colour_tolerance=1.0, edge_band=1)
     tissue = ~glass
     regions, count = ndi.label(tissue)
     if count:
