@@ -6,6 +6,7 @@ import pytest
 
 from glas_seg._widget_segment import SegmentWidget
 from glas_seg.backend.export import sidecar_path
+from glas_seg.backend.registry import DEFAULT_MODEL
 
 pytestmark = pytest.mark.gui
 
@@ -18,7 +19,7 @@ def export_and_wait(qtbot, w, path=None) -> str:
 
 def test_export_button_writes_the_selected_model(docked, qtbot, tmp_path, monkeypatch):
     _, w = docked(SegmentWidget)
-    assert w.model.value == "unet-glands" and w.export_button in list(w)
+    assert w.model.value == DEFAULT_MODEL and w.export_button in list(w)
     from qtpy.QtWidgets import QFileDialog
 
     # The file dialog: a name without suffix, the TorchScript filter chosen -> model.pt

@@ -6,6 +6,7 @@ from conftest import run_and_wait
 
 from glas_seg._sample_data import glas_sample
 from glas_seg._widget_segment import SegmentWidget
+from glas_seg.backend.registry import DEFAULT_MODEL
 
 pytestmark = pytest.mark.gui
 
@@ -25,7 +26,7 @@ def test_segment_sample_gives_many_glands(widget, qtbot):
     viewer, w = widget
     layer = add_sample(viewer)
     viewer.layers.selection.active = layer
-    assert w.image.value is layer and w.model.value == "unet-glands"
+    assert w.image.value is layer and w.model.value == DEFAULT_MODEL
     assert run_and_wait(qtbot, w) == "done"
     out = viewer.layers["glas_train_12 glands"]
     assert out.data.shape == layer.data.shape[:2]
