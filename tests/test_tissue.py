@@ -66,3 +66,16 @@ def test_default_model_finds_glands_on_glass_as_well_as_in_plain_images(shared_d
             matches[name] += match_stack(labels, sample.labels)
     f1 = {name: object_scores(m)["object_f1"] for name, m in matches.items()}
     assert f1["grey"] >= f1["plain"] - 0.01 and f1["white"] >= f1["plain"] - 0.01, f1
+
+
+def test_edge_band_zero_does_not_flood_pale_tissue():
+    tissue = textured_tissue()
+    tissue[:, :40] = 0.985  # pale, flat tissue of nearly the glass's colour, next to the glass
+    tissue[:, :40] += np.random.default_rng(1).normal(0, 0.05, (120, 40, 3)).astype(np.float32)
+    canvas = np.pad(np.clip(tissue, 0, 1), ((0, 0), (60, 0), (0, 0)), constant_values=1.0)
+    bands = [glass_mask(canvas, edge_band=n) for n in (0, 1, 5)]
+    assert bands[0][:, :50].mean() > 0.9
+    # A wider band only adds pixels next to the glass; no band adds none (scipy's iterations=0
+    # would grow the glass until nothing changes).
+    assert (bands[0] <= bands[1]).all() and (bands[1] <= bands[2]).all()
+    assert bands[1].sum() - bands[0].sum() <= 2 * canvas.shape[0]

@@ -82,7 +82,10 @@ def glass_mask(
     # before it were missed: grow the glass back over pixels of its colour.
     colour = np.median(rgb[glass], axis=0)
     same_colour = np.abs(rgb - colour).max(-1) < colour_tolerance
-    return ndi.binary_dilation(glass & same_colour, iterations=edge_band, mask=same_colour)
+    glass &= same_colour
+    if edge_band > 0:  # iterations=0 would mean "until nothing changes" to scipy
+        glass = ndi.binary_dilation(glass, iterations=edge_band, mask=same_colour)
+    return glass
 
 
 def fill_glass(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
