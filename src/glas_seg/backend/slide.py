@@ -11,6 +11,7 @@ memory of the regions asked for.
 
 from __future__ import annotations
 
+import abc
 import math
 import re
 import threading
@@ -42,7 +43,7 @@ class Level:
     downsample: float
 
 
-class SlideReader:
+class SlideReader(abc.ABC):
     """A slide opened for reading regions (use :func:`open_slide`; close it, or use ``with``).
 
     Attributes
@@ -95,8 +96,9 @@ class SlideReader:
         raise GlasSegError(f"{self.path.name} has no associated image {name!r} "
                            f"(it has: {', '.join(self.associated_names) or 'none'})")
 
+    @abc.abstractmethod
     def _read(self, level: int, y: int, x: int, height: int, width: int) -> np.ndarray:
-        raise NotImplementedError
+        """Pixels of a region inside the level, ``(height, width, 3)`` uint8 (each format's own)."""
 
     def close(self) -> None:
         pass
