@@ -69,3 +69,21 @@ def run_and_wait(qtbot, widget, timeout=60000) -> str:
     with qtbot.waitSignal(widget.task.finished, timeout=timeout) as blocker:
         widget.run()
     return blocker.args[0]
+
+
+def disc_sample(name: str, seed: int, size: int, count: int, margin: int, radii: tuple[int, int]):
+    """A synthetic H&E-like ``Sample``: pink background with ``count`` purple discs (labels 1..count,
+    radius in ``[radii[0], radii[1])``, centres ``margin`` pixels from the border) and light noise."""
+    from glas_seg.backend.data import Sample
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    labels = np.zeros((size, size), np.int32)
+    for i in range(1, count + 1):
+        cy, cx, r = rng.integers(margin, size - margin), rng.integers(margin, size - margin), rng.integers(*radii)
+        labels[((yy - cy) ** 2 + (xx - cx) ** 2 < r**2) & (labels == 0)] = i
+    image = np.empty((size, size, 3), np.float32)
+    image[:] = (0.9, 0.7, 0.8)
+    image[labels > 0] = (0.5, 0.3, 0.6)
+    image += rng.normal(0, 0.03, image.shape).astype(np.float32)
+    return Sample(name, np.clip(image, 0, 1), labels)

@@ -22,6 +22,7 @@ from glas_seg.backend.finetune import (
 )
 from glas_seg.backend.inference import Cancelled, segment
 from glas_seg.backend.registry import build_model, load_model, user_model_dir
+from conftest import disc_sample
 
 FAST = dict(iterations=3, batch_size=2, crop_size=32, eval_every=3, device="cpu")
 
@@ -33,18 +34,8 @@ def make_base(path: Path) -> Path:
 
 
 def synthetic_sample(name: str, seed: int, size: int = 96) -> Sample:
-    """Pink background with purple discs; labels are the discs."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    labels = np.zeros((size, size), np.int32)
-    for i in range(1, 5):
-        cy, cx, r = rng.integers(15, size - 15), rng.integers(15, size - 15), rng.integers(6, 12)
-        labels[((yy - cy) ** 2 + (xx - cx) ** 2 < r**2) & (labels == 0)] = i
-    image = np.empty((size, size, 3), np.float32)
-    image[:] = (0.9, 0.7, 0.8)
-    image[labels > 0] = (0.5, 0.3, 0.6)
-    image += rng.normal(0, 0.03, image.shape).astype(np.float32)
-    return Sample(name, np.clip(image, 0, 1), labels)
+    """Pink background with 4 purple discs; labels are the discs."""
+    return disc_sample(name, seed, size, count=4, margin=15, radii=(6, 12))
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from glas_seg.backend.finetune import FinetuneSettings, finetune
 from glas_seg.backend.models import ARCHITECTURES, build_architecture
 from glas_seg.backend.registry import build_model
 from glas_seg.backend.trainable import StartingPointDecay, trainable_names
+from conftest import disc_sample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,18 +34,8 @@ def base(tmp_path) -> Path:
 
 
 def sample(name: str, seed: int, size: int = 64) -> Sample:
-    """Pink background with purple discs; labels are the discs."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    labels = np.zeros((size, size), np.int32)
-    for i in range(1, 4):
-        cy, cx, r = rng.integers(12, size - 12), rng.integers(12, size - 12), rng.integers(5, 10)
-        labels[((yy - cy) ** 2 + (xx - cx) ** 2 < r**2) & (labels == 0)] = i
-    image = np.empty((size, size, 3), np.float32)
-    image[:] = (0.9, 0.7, 0.8)
-    image[labels > 0] = (0.5, 0.3, 0.6)
-    image += rng.normal(0, 0.03, image.shape).astype(np.float32)
-    return Sample(name, np.clip(image, 0, 1), labels)
+    """Pink background with 3 purple discs; labels are the discs."""
+    return disc_sample(name, seed, size, count=3, margin=12, radii=(5, 10))
 
 
 def digest(path: Path) -> str:
