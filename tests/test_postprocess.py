@@ -93,3 +93,18 @@ def test_full_resolution_outlines_follow_the_smooth_foreground():
     smooth = labels_at_full_resolution(small, foreground, (200, 200))
     assert set(np.unique(smooth)) == {0, 1}
     assert (smooth != disc).sum() < (nearest != disc).sum()
+
+
+def test_expand_labels_in_strips_equals_skimage():
+    from skimage.segmentation import expand_labels
+
+    from glas_seg.backend.postprocess import expand_labels_in_strips
+
+    rng = np.random.default_rng(0)
+    labels = np.zeros((203, 151), np.int32)
+    for index, (y, x) in enumerate(rng.integers(0, [203, 151], size=(60, 2)), start=1):
+        labels[y : y + rng.integers(1, 9), x : x + rng.integers(1, 9)] = index
+    for distance in (1, 2, 5):
+        for strip in (1, 4, 37, 500):
+            np.testing.assert_array_equal(expand_labels_in_strips(labels, distance, strip=strip),
+                                          expand_labels(labels, distance))

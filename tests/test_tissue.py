@@ -79,3 +79,21 @@ def test_edge_band_zero_does_not_flood_pale_tissue():
     # would grow the glass until nothing changes).
     assert (bands[0] <= bands[1]).all() and (bands[1] <= bands[2]).all()
     assert bands[1].sum() - bands[0].sum() <= 2 * canvas.shape[0]
+
+
+def test_fill_glass_in_place_and_in_row_blocks_equals_the_copy():
+    rng = np.random.default_rng(3)
+    rgb = rng.random((70, 50, 3)).astype(np.float32) * 0.5
+    glass = np.zeros((70, 50), bool)
+    glass[:, :12] = True
+    glass[55:, :] = True
+    glass[30:34, 20:24] = True  # a glass pocket whose mirror falls on glass
+    expected = fill_glass(rgb, glass, block=10_000)
+    blocked = fill_glass(rgb, glass, block=7)
+    in_place = rgb.copy()
+    returned = fill_glass(in_place, glass, out=in_place, block=5)
+    assert returned is in_place
+    np.testing.assert_array_equal(blocked, expected)
+    np.testing.assert_array_equal(in_place, expected)
+    np.testing.assert_array_equal(expected[~glass], rgb[~glass])  # tissue untouched
+    assert not np.array_equal(expected[glass], rgb[glass])

@@ -149,7 +149,9 @@ def to_float_rgb(image: np.ndarray) -> np.ndarray:
     if min(image.shape[:2]) < 16:
         raise GlasSegError(f"Image is too small to segment ({image.shape[0]}x{image.shape[1]} pixels)")
     if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0
+        rgb = image.astype(np.float32)
+        rgb /= 255.0  # in place: one float copy of a slide window, not two
+        return rgb
     if image.dtype == bool:
         return image.astype(np.float32)
     if np.issubdtype(image.dtype, np.integer):

@@ -273,9 +273,10 @@ def segment(
     shape = np.asarray(image).shape[:2]
     glass = None
     if mask_glass:
-        rgb = to_float_rgb(image)
-        glass = glass_mask(rgb)
-        image = fill_glass(rgb, glass) if glass.any() else rgb
+        image = to_float_rgb(image)  # a fresh float copy: filled in place
+        glass = glass_mask(image)
+        if glass.any():
+            fill_glass(image, glass, out=image)
     if predicts_instances(model):
         labels, probabilities = predict_instances(model, image, min_size=working_min_size, **predict_kwargs)
         labels = resize_labels(labels, shape)

@@ -58,10 +58,15 @@ def glass_mask(
     rgb = np.asarray(rgb)
     if rgb.ndim != 3 or rgb.shape[-1] != 3:
         raise ValueError(f"Expected an (H, W, 3) image, got shape {rgb.shape}")
+    # In-place steps and one channel at a time: this runs on whole slide windows (6.6 MP),
+    # where every (H, W, 3) float temporary costs 80 MB.
     grey = rgb.mean(-1, dtype=np.float32)
-    spread = rgb.max(-1) - rgb.min(-1)
+    spread = rgb.max(-1)
+    spread -= rgb.min(-1)
     mean = ndi.uniform_filter(grey, 7)
-    local_std = np.sqrt(np.maximum(ndi.uniform_filter(grey * grey, 7) - mean * mean, 0))
+    local_std = ndi.uniform_filter(grey * grey, 7)
+    local_std -= mean * mean
+    np.sqrt(np.maximum(local_std, 0, out=local_std), out=local_std)
     candidate = (grey > brightness) & (spread < saturation) & (local_std < flatness)
     # Opening drops the single bright pixels scattered through tissue.
     candidate = ndi.binary_opening(candidate, iterations=2)
@@ -80,15 +85,19 @@ def glass_mask(
     # Bright, flat stroma next to the glass joins its region: keep only the pixels of the glass's
     # own colour. The flatness window straddles the tissue edge, so the last few glass pixels
     # before it were missed: grow the glass back over pixels of its colour.
-    colour = np.median(rgb[glass], axis=0)
-    same_colour = np.abs(rgb - colour).max(-1) < colour_tolerance
+    # One channel at a time: rgb[glass] of a slide window and median's sorted copy of it
+    # would be two (N, 3) float copies.
+    colour = np.array([np.median(rgb[..., channel][glass]) for channel in range(3)], rgb.dtype)
+    same_colour = np.ones(glass.shape, bool)
+    for channel in range(3):
+        same_colour &= np.abs(rgb[..., channel] - colour[channel]) < colour_tolerance
     glass &= same_colour
     if edge_band > 0:  # iterations=0 would mean "until nothing changes" to scipy
         glass = ndi.binary_dilation(glass, iterations=edge_band, mask=same_colour)
     return glass
 
 
-def fill_glass(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
+def fill_glass(rgb: np.ndarray, glass: np.ndarray, *, out: np.ndarray | None = None, block: int = 256) -> np.ndarray:
     """Replace glass pixels with the tissue mirrored across the nearest tissue edge.
 
     A glass pixel ``p`` whose nearest tissue pixel is ``q`` takes the value at ``2q - p`` (the
@@ -99,23 +108,33 @@ def fill_glass(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
     ----------
     rgb : ndarray, shape ``(H, W, 3)``
     glass : ndarray of bool, shape ``(H, W)``
+    out : ndarray, optional
+        Where to write the result; may be ``rgb`` itself (only glass pixels are written, and
+        only tissue pixels are read). Default: a copy of ``rgb``.
+    block : int
+        Rows of glass handled at a time: the index arithmetic stays a few MB on any image.
 
     Returns
     -------
-    ndarray, shape and dtype of ``rgb`` (a copy; ``rgb`` itself when there is no glass or no tissue)
+    ndarray, shape and dtype of ``rgb`` (``out``; ``rgb`` itself when there is no glass or no tissue)
     """
     if glass.shape != rgb.shape[:2]:
         raise ValueError(f"glass mask {glass.shape} and image {rgb.shape[:2]} differ in shape")
     if not glass.any() or glass.all():
         return rgb
-    _, (near_y, near_x) = ndi.distance_transform_edt(glass, return_indices=True)
-    rows, cols = np.nonzero(glass)
-    qy, qx = near_y[rows, cols], near_x[rows, cols]
-    my, mx = 2 * qy - rows, 2 * qx - cols
-    inside = (my >= 0) & (my < glass.shape[0]) & (mx >= 0) & (mx < glass.shape[1])
-    my, mx = np.where(inside, my, qy), np.where(inside, mx, qx)
-    on_glass = glass[my, mx]
-    my, mx = np.where(on_glass, qy, my), np.where(on_glass, qx, mx)
-    out = rgb.copy()
-    out[rows, cols] = rgb[my, mx]
+    near_y, near_x = ndi.distance_transform_edt(glass, return_distances=False, return_indices=True)
+    if out is None:
+        out = rgb.copy()
+    elif out is not rgb:
+        out[...] = rgb
+    for start in range(0, glass.shape[0], block):
+        rows, cols = np.nonzero(glass[start : start + block])
+        rows += start
+        qy, qx = near_y[rows, cols], near_x[rows, cols]
+        my, mx = 2 * qy - rows, 2 * qx - cols
+        inside = (my >= 0) & (my < glass.shape[0]) & (mx >= 0) & (mx < glass.shape[1])
+        my, mx = np.where(inside, my, qy), np.where(inside, mx, qx)
+        on_glass = glass[my, mx]
+        my, mx = np.where(on_glass, qy, my), np.where(on_glass, qx, mx)
+        out[rows, cols] = rgb[my, mx]
     return out
