@@ -57,6 +57,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         raise GlasSegError("give --cluster (a running dask scheduler) or --workers (a local cluster), not both")
     if args.workers is not None and args.workers < 1:
         raise GlasSegError(f"--workers must be at least 1, not {args.workers}")
+    if args.split_slides and args.cluster is None and args.workers is None:
+        raise GlasSegError("--split-slides splits each slide across dask workers: give --workers N or --cluster too")
     if args.cluster is None:
         pick_device(args.device)  # on a cluster the device is the workers' business
     targets = _label_targets(args.images)
@@ -95,7 +97,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             with dask_client(args.cluster, args.workers) as client:
                 executor = args.cluster or f"LocalCluster({args.workers})"
                 summary = run_batch(jobs, out, options, client=client, executor=executor,
-                                    on_plan=on_plan, on_result=on_result)
+                                    split_slides=args.split_slides, on_plan=on_plan, on_result=on_result)
     if summary.settings_changed:
         print("the settings differ from the previous run's in this folder: every image was segmented again",
               file=sys.stderr)
@@ -352,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "images must be readable by its workers at the same paths (docs/cluster.md)")
     seg.add_argument("--workers", type=int, default=None, metavar="N",
                      help="start a local dask cluster of N worker processes (one thread each) for this run")
+    seg.add_argument("--split-slides", action="store_true",
+                     help="with --workers / --cluster: split each slide across all the workers (window by window; "
+                          "this process writes its label store) instead of giving each slide to one worker; for "
+                          "cohorts with fewer slides than workers. Same outputs either way (docs/cluster.md)")
     seg.set_defaults(func=cmd_segment)
     # Whole-slide images (segment-slide): options and code in cli_slide.py.
     from .cli_slide import add_parser as add_slide_parser

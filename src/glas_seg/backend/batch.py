@@ -8,6 +8,14 @@ message), so one bad file fails alone. It runs in this process or on dask.distri
 where each worker process loads the model once and keeps it (:func:`cached_model`, keyed by the
 model file, device and mode).
 
+With ``split_slides`` (``glas-seg segment --split-slides``) and a dask client, a slide is not one
+unit of work but is split across all the workers: this process (the driver) segments the slides
+one after the other, each with :func:`.slide_segment.segment_slide` given the client, which sends
+the slide's windows to the workers and paints the results into the store here, in chunk order,
+so that the outputs are identical to an unsplit run (:mod:`.slide_dask`). Images are still one
+task each, and go to the workers first. It pays off when a cohort has fewer slides than workers
+(one big slide would otherwise keep one worker busy and leave the others idle).
+
 A JSON manifest in the output folder (:data:`MANIFEST_NAME`) records per input its state
 (``pending``, ``done``, ``failed`` with the message), its output files, the number of objects,
 timings and the worker. Only this process (the driver) writes it, atomically, after results
@@ -135,10 +143,12 @@ def _one_line(exc: BaseException) -> str:
     return text if isinstance(exc, (ValueError, OSError)) and text else f"{type(exc).__name__}: {text}"
 
 
-def _segment_slide(model, slide_path: str, target: Path, options: SegmentOptions) -> tuple[list[str], int]:
+def _segment_slide(model, slide_path: str, target: Path, options: SegmentOptions,
+                   client=None) -> tuple[list[str], int]:
     """One slide -> ``<stem>_labels.zarr`` (resumable chunk store), ``<stem>_labels.tif`` (pyramid),
     ``<stem>_objects.geojson`` and ``<stem>_objects.csv`` next to ``target``; the files
-    ``glas-seg segment-slide`` writes. Returns (output paths, number of objects)."""
+    ``glas-seg segment-slide`` writes. With a dask ``client`` its windows are segmented on the
+    workers (:mod:`.slide_dask`). Returns (output paths, number of objects)."""
     from .slide import open_slide
     from .slide_export import export_objects, write_labels_tiff
     from .slide_segment import open_labels, segment_slide
@@ -148,7 +158,7 @@ def _segment_slide(model, slide_path: str, target: Path, options: SegmentOptions
     with open_slide(slide_path) as reader:
         result = segment_slide(model, reader, folder / f"{stem}_labels.zarr", min_size=options.min_size,
                                mask_glass=options.mask_glass, tile_size=options.tile_size, overlap=options.overlap,
-                               tta=options.tta)
+                               tta=options.tta, client=client, worker_options=options)
     levels = open_labels(result.store)
     tiff = write_labels_tiff(levels, target, result.mpp)
     geojson, table = folder / f"{stem}_objects.geojson", folder / f"{stem}_objects.csv"
@@ -157,8 +167,11 @@ def _segment_slide(model, slide_path: str, target: Path, options: SegmentOptions
     return [str(result.store), str(tiff), str(geojson), str(table)], len(result.objects)
 
 
-def segment_one(image_path: str, target: str, options: SegmentOptions) -> dict:
+def segment_one(image_path: str, target: str, options: SegmentOptions, client=None) -> dict:
     """Segment one image (or slide) and write ``target`` (int32 TIFF) atomically; runs on any worker.
+
+    With a dask ``client`` (in the driver only), a slide is split across the client's workers
+    and this process loads only the model's header; an image is segmented here as without one.
 
     Returns
     -------
@@ -186,14 +199,22 @@ def segment_one(image_path: str, target: str, options: SegmentOptions) -> dict:
         last = now
 
     try:
-        model = cached_model(options)
+        slide = is_slide(image_path)
+        if slide and client is not None:
+            from .slide_dask import driver_model
+
+            model = driver_model(options.model_path, options)[0]  # the weights are the workers' business
+        else:
+            model = cached_model(options)
         lap("load")
         target_path = Path(target)
         replaced = target_path.is_file()
-        if is_slide(image_path):
-            outputs, objects = _segment_slide(model, image_path, target_path, options)
+        if slide:
+            outputs, objects = _segment_slide(model, image_path, target_path, options, client)
             lap("segment")
             record.update(state="done", outputs=outputs, objects=objects, replaced=replaced, slide=True)
+            if client is not None:
+                record["split_across"] = len(client.nthreads())
         else:
             image = read_image(image_path)
             lap("read")
@@ -334,6 +355,22 @@ def _on_dask(client, todo: list[tuple[str, str]], out: Path, options: SegmentOpt
         client.cancel(list(futures))  # on Ctrl-C or an error here, leave nothing running
 
 
+def _on_dask_split(client, todo: list[tuple[str, str]], out: Path,
+                   options: SegmentOptions) -> Iterator[tuple[str, dict]]:
+    """Images one task each on the workers, then each slide split across all of them.
+
+    The images come first so that their results (quick, many) are recorded early; the slides
+    then run one at a time, each using every worker (:func:`segment_one` with the client).
+    """
+    from .slide import is_slide
+
+    slides = [(image, name) for image, name in todo if is_slide(image)]
+    images = [job for job in todo if job not in slides]
+    yield from _on_dask(client, images, out, options)
+    for image, name in slides:
+        yield image, segment_one(image, str(out / name), options, client=client)
+
+
 @dataclass
 class BatchSummary:
     """What a batch run did: input paths per outcome, and where the manifest is."""
@@ -354,6 +391,7 @@ def run_batch(
     *,
     client=None,
     executor: str = "in-process",
+    split_slides: bool = False,
     on_result: Callable[[str, dict], None] | None = None,
     on_plan: Callable[[int, int], None] | None = None,
 ) -> BatchSummary:
@@ -369,6 +407,9 @@ def run_batch(
         Send the work to its cluster; None runs here, one image after the other.
     executor : str
         How the run is described in the manifest (``"in-process"``, ``"LocalCluster(2)"``, an address).
+    split_slides : bool
+        With ``client``: split each slide across all the workers instead of giving it to one
+        (the outputs are the same; see the module's docstring). Ignored without a client.
     on_result : callable(input, record), optional
         Called in this process as each result arrives (progress bars, messages).
     on_plan : callable(to_do, already_done), optional
@@ -388,13 +429,19 @@ def run_batch(
             stale.unlink(missing_ok=True)
     settings_changed = bool(manifest.pop("settings_changed", False))
     run = {"started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "executor": executor,
+           "split_slides": bool(split_slides and client is not None),
            "inputs": len(jobs), "already_done": len(skipped), "done": 0, "failed": 0}
     manifest["runs"].append(run)
     write_manifest(out, manifest)
     if on_plan is not None:
         on_plan(len(todo), len(skipped))
     summary = BatchSummary([], [], skipped, [], out / MANIFEST_NAME, settings_changed, 0.0)
-    results = _in_process(todo, out, options) if client is None else _on_dask(client, todo, out, options)
+    if client is None:
+        results = _in_process(todo, out, options)
+    elif split_slides:
+        results = _on_dask_split(client, todo, out, options)
+    else:
+        results = _on_dask(client, todo, out, options)
     last_write = -float("inf")  # the first result is recorded at once, later ones at most once a second
     try:
         for image, record in results:

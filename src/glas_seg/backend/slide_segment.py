@@ -17,6 +17,10 @@ one id); objects never overwrite each other's pixels.
 
 The store holds a manifest of the chunks done, written after each chunk, so a run interrupted
 (or cancelled) resumes where it stopped when it is started again with the same settings.
+
+Each window is segmented by :func:`segment_window`, which has no side effects, and painted by
+:func:`paint_window`. Given a dask client, :func:`segment_slide` runs the first on the workers
+(:mod:`.slide_dask`) and the second here, in chunk order: the store is the same either way.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from .errors import GlasSegError
 from .progress import CancelToken, Cancelled, ProgressCallback, check_callbacks, raise_if_cancelled
 from .slide import SlideReader, open_slide, thumbnail
 
-__all__ = ["tissue_mask", "chunk_grid", "tissue_windows", "segment_slide", "release_memory", "SlideSegmentation", "open_labels", "STORE_CHUNK"]
+__all__ = ["tissue_mask", "chunk_grid", "tissue_windows", "segment_slide", "release_memory", "SlideSegmentation", "open_labels",
+           "STORE_CHUNK", "WindowJob", "WindowResult", "segment_window", "paint_window"]
 
 #: Side of the zarr label store's chunks, in base-level pixels.
 STORE_CHUNK = 1024
@@ -360,6 +365,8 @@ def segment_slide(
     resume: bool = True,
     progress: ProgressCallback | None = None,
     cancel: CancelToken = None,
+    client=None,
+    worker_options=None,
 ) -> SlideSegmentation:
     """Segment a whole slide (or a region of it) into an on-disk zarr label pyramid.
 
@@ -395,6 +402,16 @@ def segment_slide(
     cancel : threading.Event or callable, optional
         Checked between chunks and between tile batches; :class:`.progress.Cancelled` is raised
         and the store keeps the chunks finished so far (a later run resumes).
+    client : distributed.Client, optional
+        Split the slide across the workers of this dask client: they read and segment the
+        windows (:func:`segment_window`, at most two per worker thread at a time) and this
+        process paints the results in chunk order, so the store is the same as without a
+        client. Cancelling cancels the windows not yet painted; ``cancel`` is not seen by the
+        windows already running on workers.
+    worker_options : batch.SegmentOptions, optional
+        With ``client``: how the workers load the model (file, device, mode; each worker loads
+        it once and keeps it). Default: from ``model`` when it is a name or a path, on
+        ``device``; a loaded ``model`` then needs it.
 
     Returns
     -------
@@ -406,7 +423,12 @@ def segment_slide(
 
     check_callbacks(progress, cancel)
     check_segment_options(tile_size, overlap, batch_size, min_size=min_size)
-    if isinstance(model, (str, Path)):
+    if client is not None:
+        from .slide_dask import driver_model
+
+        # This process only paints: it needs the model's configuration, not its weights.
+        model, worker_options = driver_model(model, worker_options, device)
+    elif isinstance(model, (str, Path)):
         from .registry import load_model
 
         model = load_model(model, device)
@@ -478,21 +500,35 @@ def segment_slide(
         finished = sum(1 for i in todo if i in done)
         if progress is not None:
             progress(finished, len(todo))
-        for i in todo:
-            if i in done:
-                continue
-            raise_if_cancelled(cancel)
-            for window_box in tissue_windows(tissue, tissue_downsample, (oy, ox), cores[i], margin, (H, W)):
-                next_id = _segment_window(model, reader, labels0, window_box, cores[i], (oy, ox), (H, W), level,
-                                          ratio, objects, next_id, min_size, base_min_size, mask_glass, cancel,
-                                          predict_kwargs)
-            release_memory()
-            done.add(i)
-            finished += 1
-            manifest.update(done=sorted(done), next_id=next_id, objects={str(k): v for k, v in objects.items()})
-            _write_manifest(store, manifest)
-            if progress is not None:
-                progress(finished, len(todo))
+        slide_path = str(Path(reader.path).resolve())
+        predict = tuple(sorted(predict_kwargs.items()))
+        # Every window still to do, in chunk order: painting them in this order gives the same
+        # store whichever process segments them.
+        pending = [(i, [WindowJob(slide_path, level, box, cores[i], (oy, ox), (H, W), ratio, min_size, mask_glass,
+                                  predict)
+                        for box in tissue_windows(tissue, tissue_downsample, (oy, ox), cores[i], margin, (H, W))])
+                   for i in todo if i not in done]
+        if client is None:
+            results = (segment_window(model, reader, job, cancel) for _, jobs in pending for job in jobs)
+        else:
+            from .slide_dask import segment_windows_on_dask
+
+            results = segment_windows_on_dask(client, worker_options, [job for _, jobs in pending for job in jobs],
+                                              cancel=cancel)
+        try:
+            for i, jobs in pending:
+                raise_if_cancelled(cancel)
+                for _ in jobs:
+                    next_id = paint_window(labels0, next(results), objects, next_id, base_min_size)
+                release_memory()
+                done.add(i)
+                finished += 1
+                manifest.update(done=sorted(done), next_id=next_id, objects={str(k): v for k, v in objects.items()})
+                _write_manifest(store, manifest)
+                if progress is not None:
+                    progress(finished, len(todo))
+        finally:
+            results.close()  # on the workers: cancel the windows not painted (cancel, error)
         levels = build_pyramid(group)
         release_memory()
         group.attrs.update({"levels": levels, "origin": [oy, ox], "mpp": slide_mpp, "task": model.config.task,
@@ -557,36 +593,145 @@ def tissue_windows(tissue: np.ndarray, downsample: float, origin, core, margin: 
     return [tuple(box) for box in boxes]
 
 
-def _segment_window(model, reader, labels0, window_box, core, origin, region_shape, level, ratio, objects,
-                    next_id, min_size, base_min_size, mask_glass, cancel, predict_kwargs) -> int:
-    """Read, segment and paint one window of a chunk; returns the next free id."""
-    from .inference import segment
+@dataclass(frozen=True)
+class WindowJob:
+    """One window of a chunk to segment: everything :func:`segment_window` needs besides the model.
+
+    Small and picklable (a path and numbers, no pixels), so that it can be sent to a dask worker
+    that reads the window itself (the slide must be readable there at the same path).
+
+    Attributes
+    ----------
+    slide : str
+        Absolute path of the slide.
+    level : int
+        Pyramid level to read.
+    window, core : (y0, y1, x0, x1)
+        The window to segment and the core of the chunk it belongs to, in region pixels
+        (base level, relative to ``origin``).
+    origin : (y, x)
+        Top-left corner of the region in base-level slide pixels.
+    region_shape : (H, W)
+    ratio : float
+        Base-level pixels per model pixel.
+    min_size : int
+        Smallest object, in model pixels (passed to :func:`.inference.segment`).
+    mask_glass : bool
+    predict : tuple of (name, value)
+        Keyword arguments of the tiled prediction (tile_size, overlap, batch_size, tta), as
+        sorted pairs so that the job stays hashable.
+    """
+
+    slide: str
+    level: int
+    window: tuple[int, int, int, int]
+    core: tuple[int, int, int, int]
+    origin: tuple[int, int]
+    region_shape: tuple[int, int]
+    ratio: float
+    min_size: int
+    mask_glass: bool
+    predict: tuple = ()
+
+
+@dataclass
+class WindowResult:
+    """What segmenting one window gives, before anything is painted (picklable).
+
+    Attributes
+    ----------
+    window : (y0, y1, x0, x1)
+        Where ``labels`` lie, in region pixels.
+    labels : int32 ndarray ``(y1 - y0, x1 - x0)``
+        The window's instance ids on the base-level grid; only the ids of ``pieces`` are used.
+        (A window of 2048 + 2 x 256 model pixels at a 1:1 ratio is 26 MB.)
+    pieces : list of ``(id, (slice, slice), cut)``
+        The objects this chunk keeps (:func:`chunk_pieces`).
+    probabilities : dict
+        Mean foreground probability per id of ``labels`` (float).
+    """
+
+    window: tuple[int, int, int, int]
+    labels: np.ndarray
+    pieces: list
+    probabilities: dict
+
+
+def segment_window(model, reader: SlideReader, job: WindowJob, cancel: CancelToken = None) -> WindowResult:
+    """Read and segment one window; no side effects (the painting is :func:`paint_window`).
+
+    Runs in the process that owns the label store or, for a slide split across dask workers
+    (:mod:`.slide_dask`), on any worker: its result depends only on the slide, the model and
+    ``job``, which is what lets the owner paint the results in chunk order and get the same
+    store whichever process segmented each window.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    reader : SlideReader
+        The slide of ``job.slide`` (already open).
+    job : WindowJob
+    cancel : threading.Event or callable, optional
+        Checked between tile batches.
+
+    Returns
+    -------
+    WindowResult
+    """
+    from . import inference
     from .postprocess import resize_labels
 
-    oy, ox = origin
-    wy0, wy1, wx0, wx1 = window_box
-    d = reader.levels[level].downsample
+    oy, ox = job.origin
+    wy0, wy1, wx0, wx1 = job.window
+    d = reader.levels[job.level].downsample
     # Read the window at the chosen level (whole level pixels covering it).
     ly0, lx0 = int((oy + wy0) // d), int((ox + wx0) // d)
     ly1, lx1 = int(math.ceil((oy + wy1) / d)), int(math.ceil((ox + wx1) / d))
-    rgb = reader.read_region(level, ly0, lx0, ly1 - ly0, lx1 - lx0)
-    model_shape = (max(16, round((ly1 - ly0) * d / ratio)), max(16, round((lx1 - lx0) * d / ratio)))
-    result = segment(model, _resample(rgb, model_shape), min_size=min_size, mask_glass=mask_glass,
-                     cancel=cancel, **predict_kwargs)
+    rgb = reader.read_region(job.level, ly0, lx0, ly1 - ly0, lx1 - lx0)
+    model_shape = (max(16, round((ly1 - ly0) * d / job.ratio)), max(16, round((lx1 - lx0) * d / job.ratio)))
+    # inference.segment looked up at call time (not imported by name): tests stand in for it.
+    result = inference.segment(model, _resample(rgb, model_shape), min_size=job.min_size, mask_glass=job.mask_glass,
+                               cancel=cancel, **dict(job.predict))
     del rgb
     # Labels back on the base-level grid of the read window, then cut to the window.
     read_y0, read_x0 = round(ly0 * d) - oy, round(lx0 * d) - ox
     read_shape = (round(ly1 * d) - oy - read_y0, round(lx1 * d) - ox - read_x0)
     chunk = resize_labels(result.labels, read_shape)
     chunk = np.ascontiguousarray(chunk[wy0 - read_y0 : wy1 - read_y0, wx0 - read_x0 : wx1 - read_x0])
+    if chunk.dtype.itemsize > 4 and (not chunk.size or chunk.max() < 2**31):
+        chunk = chunk.astype(np.int32)  # the same ids in half the bytes to send back from a worker
     probabilities = _mean_foreground(result.labels, result.foreground)
     del result
-    pieces = chunk_pieces(chunk, window_box, core, region_shape)
+    pieces = chunk_pieces(chunk, job.window, job.core, job.region_shape)
+    return WindowResult(job.window, chunk, pieces, probabilities)
+
+
+def paint_window(labels0, result: WindowResult, objects: dict, next_id: int, min_size: int) -> int:
+    """Paint one segmented window into the store (in the process that owns it).
+
+    Parameters
+    ----------
+    labels0 : zarr array, uint32 ``(H, W)``
+        The store's base level; the window of ``result`` is read, painted and written back.
+    result : WindowResult
+    objects : dict
+        The object table (id -> ``{"area", "box", "p"}``), updated.
+    next_id : int
+        First free id.
+    min_size : int
+        Smallest new object, in base-level pixels.
+
+    Returns
+    -------
+    int
+        The next free id.
+    """
+    wy0, wy1, wx0, wx1 = result.window
     window = labels0[wy0:wy1, wx0:wx1]
     # Ids at or above next_id were painted by a run stopped before it recorded them.
     window[window >= next_id] = 0
-    next_id = paint_pieces(window, chunk, pieces, objects, next_id, (wy0, wx0), probabilities,
-                           min_size=base_min_size)
+    next_id = paint_pieces(window, result.labels, result.pieces, objects, next_id, (wy0, wx0), result.probabilities,
+                           min_size=min_size)
     labels0[wy0:wy1, wx0:wx1] = window
     return next_id
 
