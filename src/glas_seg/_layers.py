@@ -5,6 +5,9 @@ Every layer a widget adds carries ``layer.metadata["glas_seg"]["role"]``:
 - ``"segmentation"``: a Segment result, a Labels layer meant to be edited, scored and trained on;
 - ``"probability"``: a Segment probability map (an Image layer, but not an image to segment);
 - ``"false positives"`` / ``"false negatives"``: Metrics' error layers (results, never inputs).
+- ``"slide segmentation"``: a slide's labels, lazy from an on-disk store (:mod:`._slide_widget`;
+  never edited in place, Edit opens a region of it instead);
+- ``"slide region edit"``: one region of those labels in memory, to edit and write back (:mod:`._slide_edit`).
 
 Two rules follow (issue 14, "silent wrong input"):
 

@@ -4,6 +4,10 @@ The operations are the pure functions of :mod:`glas_seg.backend.editing`, applie
 plane of the chosen Labels layer. Each edit is written with ``Labels.data_setitem`` as a single
 napari history item, so Ctrl+Z on the layer (or the widget's Undo button) restores exactly the
 previous array. Other layers are only read (cut lines from a Shapes layer, seeds from Points).
+
+A slide's labels (a lazy layer read from disk) are edited a region at a time: *Edit region* opens
+the visible field or a Shapes box as an in-memory Labels layer, *Write back* writes it into the
+store (:mod:`._slide_edit`; the row shows only when the viewer holds a segmented slide).
 """
 
 from __future__ import annotations
@@ -18,8 +22,11 @@ from napari.layers import Labels, Points, Shapes
 from napari.utils.notifications import show_warning
 
 from ._dock import dock_as_tab, wrap_text
-from ._layers import ERROR_ROLES, fits, plugin_is_adding
+from ._layers import ERROR_ROLES, METADATA_KEY, adding_layers, fits, plugin_is_adding, role
+from ._slide_edit import SLIDE_REGION_EDIT, open_region, slide_labels_layers, write_back
+from ._slide_widget import SHAPES, SLIDE_SEGMENTATION, VISIBLE
 from .backend import editing
+from .backend.errors import GlasSegError
 
 if TYPE_CHECKING:
     import napari
@@ -106,11 +113,18 @@ class EditWidget(Container):
         self.relabel_button = PushButton(text="Relabel 1..N")
         self.next_id_button = PushButton(text="Next free id")
         self.undo_button = PushButton(text="Undo last edit (Ctrl+Z)")
+        self.slide_region = ComboBox(label="Slide region", choices=[VISIBLE, SHAPES], value=VISIBLE,
+                                     tooltip="the part of a segmented slide's labels that Edit region opens")
+        self.edit_region_button = PushButton(text="Edit region",
+                                             tooltip="open this region of the slide's labels as an editable layer")
+        self.write_back_button = PushButton(text="Write back",
+                                            tooltip="write the edited region layer into the slide's label store")
+        self.slide_row = _row("Slide region", self.slide_region, self.edit_region_button, self.write_back_button)
         self.keys = Label(label="Keys", value=self.key_help())
         self.status = Label(value="")
         wrap_text(self.status)
         self.extend([
-            self.labels, self.selection, _row("", self.delete_button, self.merge_button),
+            self.labels, self.slide_row, self.selection, _row("", self.delete_button, self.merge_button),
             _row("Cut lines", self.cut_lines, self.new_cut_layer), self.split_line_button,
             _row("Seeds", self.seeds, self.new_seed_layer), self.split_seeds_button,
             self.fill_button, self.min_size, self.remove_button, self.radius, self.smooth_button,
@@ -131,6 +145,8 @@ class EditWidget(Container):
         self.relabel_button.changed.connect(self.relabel)
         self.next_id_button.changed.connect(self.select_next_free_id)
         self.undo_button.changed.connect(self.undo)
+        self.edit_region_button.changed.connect(self.edit_region)
+        self.write_back_button.changed.connect(self.write_back)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self.reset_choices)
         napari_viewer.layers.selection.events.active.connect(self._follow_active_layer)
@@ -193,6 +209,7 @@ class EditWidget(Container):
             layers = self._labels_layers()
             if layers:
                 self.labels.value = layers[-1]
+        self.slide_row.visible = any(role(layer) in (SLIDE_SEGMENTATION, SLIDE_REGION_EDIT) for layer in self.viewer.layers)
 
     # -- helpers -----------------------------------------------------------------------------------
     def _fail(self, message: str) -> None:
@@ -426,6 +443,50 @@ class EditWidget(Container):
             return
         layer.undo()
         self.status.value = f"Undid the last edit of {layer.name}"
+
+    # -- slides: a region at a time ----------------------------------------------------------------
+    def edit_region(self) -> Labels | None:
+        """Open the chosen region of a slide's labels (the chosen Labels if they are a slide's, else the
+        selected or topmost slide labels) as an in-memory Labels layer, and choose it for editing."""
+        slides = slide_labels_layers(self.viewer)
+        chosen = self.labels.value
+        source = chosen if chosen in slides else next((s for s in reversed(slides) if s in self.viewer.layers.selection),
+                                                      slides[-1] if slides else None)
+        if source is None:
+            self._fail("segment a slide first (Segment widget, with a slide layer): Edit region opens part of its labels")
+            return None
+        try:
+            with adding_layers(self.viewer):
+                layer = open_region(self.viewer, source, self.slide_region.value)
+        except GlasSegError as exc:
+            self._fail(str(exc))
+            return None
+        self.labels.value = layer
+        y0, y1, x0, x1 = layer.metadata[METADATA_KEY]["box"]
+        self.status.value = (f"Opened {x1 - x0} x {y1 - y0} px of {source.name} as {layer.name!r}: select it to "
+                             "paint, edit, then Write back")
+        return layer
+
+    def write_back(self) -> None:
+        """Write the chosen region layer (or the only one) into its slide's label store."""
+        regions = [layer for layer in self.viewer.layers if role(layer) == SLIDE_REGION_EDIT]
+        layer = self.labels.value if self.labels.value in regions else regions[0] if len(regions) == 1 else None
+        if layer is None:
+            self._fail("choose the slide region layer to write back in Labels (Edit region makes one)"
+                       if regions else "open a slide region with Edit region first")
+            return
+        try:
+            done = write_back(self.viewer, layer)
+        except GlasSegError as exc:
+            self._fail(str(exc))
+            return
+        result = done.result
+        if not result.changed:
+            self.status.value = f"{layer.name}: nothing to write, the store already holds these labels"
+            return
+        renamed = f"; new ids renumbered {result.renamed}" if result.renamed else ""
+        self.status.value = (f"Wrote {layer.name} back: {result.changed} px changed{renamed}"
+                             + (f"; {', '.join(s.name for s in done.refreshed)} refreshed" if done.refreshed else ""))
 
     def add_cut_line_layer(self) -> None:
         layer = self.labels.value

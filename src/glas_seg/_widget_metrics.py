@@ -1,4 +1,10 @@
-"""Metrics dock widget: prediction + ground truth (+ probability) -> GlaS scores, ROC, error layers."""
+"""Metrics dock widget: prediction + ground truth (+ probability) -> GlaS scores, ROC, error layers.
+
+On a slide (a prediction or ground truth that is a slide's labels, a region of them, or any
+multiscale layer) the two layers are cut to a region in world coordinates first
+(:func:`._slide_edit.region_crops`): the whole of an in-memory prediction (an *Edit region*
+layer), or the *Slide region* of a slide's lazy labels.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,10 @@ from ._dock import dock_as_tab, style_figure
 from ._layers import (
     ERROR_ROLES, FALSE_NEGATIVES, FALSE_POSITIVES, METADATA_KEY, SEGMENTATION, adding_layers, fits, role,
 )
+from ._slide_edit import SLIDE_ROLES, is_slide_pair, region_crops
+from ._slide_widget import SHAPES, VISIBLE, WHOLE
 from ._widget_segment import unique_layer_name, writable_labels_layer
+from .backend.errors import GlasSegError
 from .backend.inference import Cancelled
 from .backend.metrics import planes
 from .backend.metrics_report import COLUMNS, Report, score_set, write_csv, write_json
@@ -95,6 +104,9 @@ class MetricsWidget(Container):
 
         self.prediction = ComboBox(label="Prediction", choices=self._labels_layers, nullable=True)
         self.ground_truth = ComboBox(label="Ground truth", choices=self._labels_layers, nullable=True)
+        self.slide_region = ComboBox(label="Slide region", choices=[VISIBLE, SHAPES, WHOLE], value=VISIBLE,
+                                     visible=False, tooltip="the part of the slide's labels to score")
+        self._region_note = ""
         self.probability = ComboBox(label="Probability (optional)", choices=self._image_layers, nullable=True)
         self.add_errors = CheckBox(text="Show false positives / negatives as layers", value=True)
         self.table = Table(value={"data": [], "index": [], "columns": []})
@@ -103,7 +115,7 @@ class MetricsWidget(Container):
         self.export_csv = PushButton(text="Export CSV...", enabled=False)
         self.export_json = PushButton(text="Export JSON...", enabled=False)
         exports = Container(layout="horizontal", widgets=[self.export_csv, self.export_json], labels=False)
-        self.extend([self.prediction, self.ground_truth, self.probability, self.add_errors, *self.panel.widgets,
+        self.extend([self.prediction, self.ground_truth, self.slide_region, self.probability, self.add_errors, *self.panel.widgets,
                      self.table, exports])
         self.figure = Figure(figsize=(3.2, 3.0), tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
@@ -118,6 +130,7 @@ class MetricsWidget(Container):
         self.export_json.changed.connect(lambda: self._export_dialog("json"))
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh)
+        self.prediction.changed.connect(self._show_region_choice)
         self._refresh()
 
     # -- choices ---------------------------------------------------------------------------
@@ -137,15 +150,20 @@ class MetricsWidget(Container):
         self.reset_choices()
         layers = [layer for layer in self.prediction.choices if layer is not None]
         if self.ground_truth.value is None:
-            candidates = [l for l in layers if role(l) != SEGMENTATION]
+            candidates = [l for l in layers if role(l) not in (SEGMENTATION, *SLIDE_ROLES)]
             hinted = [l for l in candidates if any(h in l.name.lower() for h in TRUTH_HINTS)]
             if hinted or candidates:
                 self.ground_truth.value = (hinted or candidates)[0]
         if self.prediction.value is None:
             others = [l for l in layers if l is not self.ground_truth.value]
-            ours = [l for l in others if role(l) == SEGMENTATION]
+            ours = [l for l in others if role(l) in (SEGMENTATION, *SLIDE_ROLES)]
             if ours or others:
                 self.prediction.value = (ours or others)[-1]  # the most recently added one
+        self._show_region_choice()
+
+    def _show_region_choice(self, _value=None) -> None:
+        pred = self.prediction.value
+        self.slide_region.visible = bool(pred is not None and pred.multiscale)
 
     # -- running ---------------------------------------------------------------------------
     def _inputs(self):
@@ -155,6 +173,16 @@ class MetricsWidget(Container):
             return "choose a prediction and a ground-truth Labels layer"
         if pred is gt:
             return "prediction and ground truth are the same layer"
+        self._region_note = ""
+        if is_slide_pair(pred, gt):  # a slide region: both cut to it in world coordinates
+            if prob is not None:
+                return "a probability layer is not used on a slide region; clear Probability"
+            try:
+                crops = region_crops(self.viewer, pred, gt, self.slide_region.value)
+            except GlasSegError as exc:
+                return str(exc)
+            self._region_note = crops.note
+            return pred, gt, crops.pred, crops.gt, None, (crops.pred_translate, crops.gt_translate)
         pred_data, gt_data = (l.data[0] if l.multiscale else l.data for l in (pred, gt))
         if pred_data.shape != gt_data.shape:
             return f"{pred.name!r} {tuple(pred_data.shape)} and {gt.name!r} {tuple(gt_data.shape)} differ in shape"
@@ -163,7 +191,7 @@ class MetricsWidget(Container):
             prob_data = prob.data[0] if prob.multiscale else prob.data
             if prob_data.ndim != gt_data.ndim or prob_data.shape[:-2] != gt_data.shape[:-2]:
                 return f"probability {tuple(prob_data.shape)} does not match the labels {tuple(gt_data.shape)}"
-        return pred, gt, pred_data, gt_data, prob_data
+        return pred, gt, pred_data, gt_data, prob_data, (pred.translate, gt.translate)
 
     def run(self) -> None:
         """Check the inputs, then score every plane in the background."""
@@ -175,18 +203,21 @@ class MetricsWidget(Container):
             self.status.value = inputs[0].upper() + inputs[1:] + "."
             show_warning(f"glas-seg: {inputs}")
             return
-        pred, gt, pred_data, gt_data, prob_data = inputs
+        pred, gt, pred_data, gt_data, prob_data, translates = inputs
         indices = list(planes(gt_data.shape))
         want_errors = self.add_errors.value
+        region = bool(self._region_note)
 
         def job(report, cancel):
             fp, fn = {}, {}
+            # A slide region's lazy crops are read once, here in the background.
+            seg_data, truth_data = (np.asarray(pred_data), np.asarray(gt_data)) if region else (pred_data, gt_data)
 
             def items():
                 for index in indices:
                     if cancel.is_set():
                         raise Cancelled()
-                    seg, truth = np.asarray(pred_data[index]), np.asarray(gt_data[index])
+                    seg, truth = np.asarray(seg_data[index]), np.asarray(truth_data[index])
                     prob = None if prob_data is None else fit_probability(prob_data[index], truth.shape)
                     yield plane_name(index), seg, truth, prob
 
@@ -195,13 +226,14 @@ class MetricsWidget(Container):
                 for index, plane in zip(indices, result.images.values()):
                     fp[index] = plane.matches[0].false_positive_ids
                     fn[index] = plane.matches[0].false_negative_ids
-            return result, fp, fn
+            return result, fp, fn, seg_data, truth_data
 
-        self.panel.start(job, lambda out: self._show(pred, gt, pred_data, gt_data, *out), f"glas-seg: evaluating {pred.name}",
-                         f"Evaluating {pred.name} against {gt.name} ({len(indices)} plane{'s' * (len(indices) > 1)})...")
+        where = f" {self._region_note}" if self._region_note else f" ({len(indices)} plane{'s' * (len(indices) > 1)})"
+        self.panel.start(job, lambda out: self._show(pred, gt, out[3], out[4], translates, *out[:3]),
+                         f"glas-seg: evaluating {pred.name}", f"Evaluating {pred.name} against {gt.name}{where}...")
 
     # -- results ---------------------------------------------------------------------------
-    def _show(self, pred, gt, pred_data, gt_data, report: Report, fp: dict, fn: dict) -> None:
+    def _show(self, pred, gt, pred_data, gt_data, translates, report: Report, fp: dict, fn: dict) -> None:
         self.report = report
         self.table.value = table_value(report)
         self._fit_table_columns()
@@ -209,13 +241,14 @@ class MetricsWidget(Container):
         self._plot_roc(report)
         if fp or fn:
             with adding_layers(self.viewer):  # the user's selection (and Edit's Labels box) stays put
-                self._write_errors(pred, pred_data, fp, FALSE_POSITIVES, "red")
-                self._write_errors(gt, gt_data, fn, FALSE_NEGATIVES, "cyan")
+                self._write_errors(pred, pred_data, fp, FALSE_POSITIVES, "red", translates[0])
+                self._write_errors(gt, gt_data, fn, FALSE_NEGATIVES, "cyan", translates[1])
         p = report.pooled
         self.status.value = (f"F1 {p['object_f1']:.3f}, object Dice {p['object_dice']:.3f}, object Hausdorff "
                              f"{format_value('object_hausdorff', p['object_hausdorff'])} px"
                              + (f" (pooled over {len(report.images)} planes)" if len(report.images) > 1 else "")
-                             + f"; {p['fp']} false positive(s), {p['fn']} false negative(s)")
+                             + f"; {p['fp']} false positive(s), {p['fn']} false negative(s)"
+                             + (f" {self._region_note}" if self._region_note else ""))
 
     def _plot_roc(self, report: Report) -> None:
         self.figure.clear()
@@ -262,8 +295,9 @@ class MetricsWidget(Container):
         rows = table.verticalHeader().length() + table.horizontalHeader().height() + 2 * table.frameWidth()
         self.table.min_height = min(max(rows, 200), 400)
 
-    def _write_errors(self, source: Labels, data, ids: dict, what: str, colour: str) -> None:
-        """A new (or our own, unedited) Labels layer with the listed objects of ``source``.
+    def _write_errors(self, source: Labels, data, ids: dict, what: str, colour: str, translate) -> None:
+        """A new (or our own, unedited) Labels layer with the listed objects of ``source`` (``data``:
+        its pixels that were scored, placed at ``translate``).
 
         No errors of this kind: no layer, and our own unedited one from an earlier run is removed.
         """
@@ -279,10 +313,10 @@ class MetricsWidget(Container):
         meta = {METADATA_KEY: {"role": what, "fingerprint": fingerprint(full), "source": source.name}}
         colormap = DirectLabelColormap(color_dict={None: colour, 0: "transparent"})
         if layer is not None:
-            layer.data, layer.metadata = full, meta
+            layer.data, layer.metadata, layer.translate = full, meta, translate
         else:
             self.viewer.add_labels(full, name=unique_layer_name(self.viewer, name), metadata=meta, opacity=0.6,
-                                   colormap=colormap, scale=source.scale, translate=source.translate)
+                                   colormap=colormap, scale=source.scale, translate=translate)
 
     # -- export ----------------------------------------------------------------------------
     def export(self, path: str | Path) -> Path:
