@@ -1,4 +1,4 @@
-"""Take the slide screenshot for docs/slides.md: the real Aperio test slide opened through
+"""Take the slide screenshot for docs/wsi.md: the real Aperio test slide opened through
 glas-seg's reader (scale bar in micrometres), segmented by the Segment widget.
 
 Run under a display or Xvfb:

@@ -145,12 +145,16 @@ class FinetuneWidget(Container):
         self.val_share = FloatSpinBox(label="Validation share", min=0.0, max=0.9, step=0.05, value=_FT.val_fraction,
                                       tooltip="Share of the images held out to measure the model (needs 2+ images); "
                                               "the best-scoring checkpoint is kept")
+        self.calibrate = CheckBox(text="Choose thresholds on the corrected images", value=_FT.calibrate,
+                                  tooltip="After training, pick the watershed's seed and foreground thresholds "
+                                          "that segment your corrected images best (seconds; no forgetting)")
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.new_name = LineEdit(label="New model name", value="")
         self.advanced = CheckBox(text="Advanced options", value=False)
         self.layers = ComboBox(label="Layers to train", choices=list(FINETUNE_LAYER_CHOICES), value=_FT.layers,
                                visible=False, tooltip="all; decoder: all but the encoder; head: the output layer(s) "
-                                                      "only; auto: all with 100+ corrected objects, else head")
+                                                      "only; auto: all with 100+ corrected objects, else head; "
+                                                      "none: thresholds only (with calibration)")
         self.l2sp = FloatSpinBox(label="Pull to base (L2-SP)", min=0.0, max=10000.0, step=10.0, value=_FT.l2sp,
                                  visible=False, tooltip="Weight decay towards the base model's weights; 0: off")
         self.augment_strength = FloatSpinBox(label="Augmentation strength", min=0.0, max=2.0, step=0.25,
@@ -163,7 +167,8 @@ class FinetuneWidget(Container):
         self.segment_button = PushButton(text="Segment current image with the new model", enabled=False)
         self.extend([
             self.base, self.pairs, self.add_pair_button, self.regions, self.iterations, self.learning_rate,
-            self.augment, self.val_share, self.device, self.new_name, self.advanced, *self._advanced_widgets,
+            self.augment, self.val_share, self.calibrate, self.device, self.new_name, self.advanced,
+            *self._advanced_widgets,
             *self.panel.widgets, self.timing, self.segment_button,
         ])
         self._build_plot()
@@ -321,7 +326,7 @@ class FinetuneWidget(Container):
             augment=bool(self.augment.value), val_fraction=float(self.val_share.value), device=self.device.value,
             eval_every=max(10, int(self.iterations.value) // 8), layers=self.layers.value, l2sp=float(self.l2sp.value),
             augment_strength=float(self.augment_strength.value), patience=int(self.patience.value),
-            freeze_norm=bool(self.freeze_norm.value),
+            freeze_norm=bool(self.freeze_norm.value), calibrate=bool(self.calibrate.value),
         )
 
     def run(self, _value=None) -> None:

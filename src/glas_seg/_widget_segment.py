@@ -87,7 +87,7 @@ class SegmentWidget(Container):
         self.mode = ComboBox(label="Inference mode", choices=["accurate", "fast"], value="accurate", visible=False,
                              tooltip="U-Net++: accurate averages all heads; fast uses one pruned head")
         self.planes = ComboBox(label="Stack planes", choices=["current plane", "all planes"], value="current plane")
-        # Slides (opened by glas-seg's reader) are segmented from disk, region by region (docs/slides.md).
+        # Slides (opened by glas-seg's reader) are segmented from disk, region by region (docs/wsi.md).
         self.slide_region = ComboBox(label="Slide region", choices=SLIDE_REGIONS, value=VISIBLE, visible=False,
                                      tooltip="what part of the slide to segment: the field in view, the box around "
                                              "the shapes of a Shapes layer, or the whole slide (tissue only)")

@@ -253,7 +253,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                 crop_size=args.crop_size, augment=not args.no_augment,
                                 val_fraction=args.val_fraction, eval_every=args.eval_every, seed=args.seed,
                                 device=args.device, freeze_norm=not args.update_norm_stats, layers=args.layers,
-                                l2sp=args.l2sp, augment_strength=args.augment_strength, patience=args.patience)
+                                l2sp=args.l2sp, augment_strength=args.augment_strength, patience=args.patience,
+                                calibrate=args.calibrate)
     bar = _progress_bar(args.iterations, "fine-tune", "it")
     progress = _training_reporter(bar)
 
@@ -426,8 +427,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--augment-strength", type=float, default=ft_defaults.augment_strength,
                     help="scale of flips, rotations, elastic, colour and stain jitter, 0-2 (default: %(default)s)")
     ft.add_argument("--layers", choices=FINETUNE_LAYER_CHOICES, default=ft_defaults.layers,
-                    help="which parameters train: all, decoder (all but the encoder), head (output layers only); "
-                         "auto: all when the corrected images hold 100+ objects, else head (default: %(default)s)")
+                    help="which parameters train: all, decoder (all but the encoder), head (output layers only), "
+                         "none (with --calibrate: thresholds only); auto: all when the corrected images hold 100+ "
+                         "objects, else head (default: %(default)s)")
+    ft.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=ft_defaults.calibrate,
+                    help="after training, choose the watershed thresholds that segment the corrected images best "
+                         "(default: %(default)s)")
     ft.add_argument("--l2sp", type=float, default=ft_defaults.l2sp,
                     help="pull towards the base model's weights (L2-SP; 0: off; default: %(default)s)")
     ft.add_argument("--update-norm-stats", action="store_true",

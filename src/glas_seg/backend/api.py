@@ -309,6 +309,7 @@ def finetune(
     eval_every: int = _FT.eval_every,
     patience: int = _FT.patience,
     freeze_norm: bool = _FT.freeze_norm,
+    calibrate: bool = _FT.calibrate,
     seed: int = _FT.seed,
     device: str = _FT.device,
     description: str = "",
@@ -348,9 +349,10 @@ def finetune(
         Random flips, rotations, elastic, colour and stain jitter.
     augment_strength : float in ``[0, 2]``
         Scale of those transforms (1: as the bundled models were trained).
-    layers : {"auto", "all", "decoder", "head"}
+    layers : {"auto", "all", "decoder", "head", "none"}
         Which parameters train: all, everything but the encoder, or the output layer(s) only;
-        "auto": all when the corrected images hold 100 objects or more, else the head.
+        "auto": all when the corrected images hold 100 objects or more, else the head;
+        "none": no weights change (with ``calibrate``: only the thresholds are chosen).
     l2sp : float
         Pull towards the base model's weights (L2-SP; 0 turns it off).
     val_fraction : float in ``[0, 0.9]``, default 0
@@ -362,6 +364,9 @@ def finetune(
         best-scoring checkpoint is kept either way (0: never stop early).
     freeze_norm : bool, default True
         Keep the base model's batch-norm statistics (see docs/finetuning.md).
+    calibrate : bool
+        After training, choose the watershed's interior and foreground thresholds that
+        segment the corrected images best (a few seconds per image; pixel classifiers only).
     seed : int, default 0
     device : str, default ``"auto"``
     description : str
@@ -399,7 +404,8 @@ def finetune(
     settings = FinetuneSettings(iterations=iterations, learning_rate=learning_rate, batch_size=batch_size,
                                 crop_size=crop_size, augment=augment, augment_strength=augment_strength,
                                 layers=layers, l2sp=l2sp, val_fraction=val_fraction, eval_every=eval_every,
-                                patience=patience, freeze_norm=freeze_norm, seed=seed, device=device)
+                                patience=patience, freeze_norm=freeze_norm, calibrate=calibrate, seed=seed,
+                                device=device)
     if not isinstance(base, (str, Path)):
         raise GlasSegError(f"base must be a model name or a .safetensors path, not {type(base).__name__}")
     from .finetune import finetune as _finetune

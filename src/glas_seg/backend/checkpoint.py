@@ -56,6 +56,10 @@ class ModelConfig:
         Where the boundary class of the training targets lies (:func:`..targets.contour_targets`):
         ``"outer"`` (the older models) a thick band straddling every outline, ``"inner"`` only
         inside objects, so that foreground = the objects as annotated.
+    interior_threshold, foreground_threshold : float
+        Post-processing of pixel classifiers (:func:`..postprocess.instances_from_probabilities`):
+        interior probability that seeds an object, and ``1 - p(background)`` above which a pixel
+        belongs to one. 0.5 unless chosen on annotated images (:mod:`..calibrate`).
     base_model : str or None
         Model this one was fine-tuned from.
     training : dict
@@ -74,6 +78,8 @@ class ModelConfig:
     min_size: int = 400
     mpp: float | None = None
     targets: str = "outer"
+    interior_threshold: float = 0.5
+    foreground_threshold: float = 0.5
     base_model: str | None = None
     description: str = ""
     training: dict = field(default_factory=dict)

@@ -42,11 +42,6 @@ FORMATS = ("torchscript", "onnx")
 SIDECAR_VERSION = 1
 ONNX_OPSET = 17  # onnxruntime >= 1.12, OpenCV's DNN module and DJL's ONNX engine all read it
 
-# Post-processing thresholds of postprocess.instances_from_probabilities (its defaults, used by
-# inference.segment); written to the sidecar so that other runtimes can repeat the watershed.
-INTERIOR_THRESHOLD = 0.5
-FOREGROUND_THRESHOLD = 0.5
-
 
 def sidecar_path(path: str | Path) -> Path:
     """The JSON sidecar of an exported model file: ``unet.onnx`` -> ``unet.onnx.json``."""
@@ -115,8 +110,9 @@ def sidecar(model: "LoadedModel", fmt: str, file_name: str) -> dict:
         "normalisation": {"mean": list(config.mean), "std": list(config.std), "applied": "inside the model"},
         "postprocessing": {
             "method": "marker watershed on the interior probability (glas_seg.backend.postprocess)",
-            "interior_threshold": INTERIOR_THRESHOLD,
-            "foreground_threshold": FOREGROUND_THRESHOLD,
+            # The model's own (ModelConfig), so that other runtimes repeat its watershed.
+            "interior_threshold": config.interior_threshold,
+            "foreground_threshold": config.foreground_threshold,
             "min_size_image_pixels": config.min_size,
             "min_size_working_pixels": max(1, round(config.min_size * config.scale**2)),
             "targets": config.targets,

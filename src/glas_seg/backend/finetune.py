@@ -26,7 +26,9 @@ from . import model_store
 from .checkpoint import config_replace, load_state
 from .data import Sample, find_pairs, load_sample
 from .errors import GlasSegError
+from .calibrate import calibrate_thresholds
 from .image_io import to_float_rgb
+from .inference import predicts_instances
 from .progress import Cancelled, is_cancelled as _should_stop
 from .labelmaps import bounding_box
 from .registry import LoadedModel, ModelEntry, build_network, find_model, pick_device
@@ -277,7 +279,7 @@ def finetune(
     )
     n_objects = count_objects(train_samples, train_masks)
     layers, learning_rate = settings.resolve(n_objects)
-    train_settings = TrainSettings(
+    train_settings = None if layers == "none" else TrainSettings(
         iterations=settings.iterations, eval_every=settings.eval_every if val else settings.iterations,
         batch_size=settings.batch_size, crop_size=settings.crop_size, learning_rate=learning_rate,
         warmup=min(20, max(1, settings.iterations // 10)), augment=settings.augment, seed=settings.seed,
@@ -304,14 +306,29 @@ def finetune(
             before = evaluate(LoadedModel(network.to(device).eval(), base_config, device), val)
             network = None
             record({"iteration": 0, "total": settings.iterations, **before})
-        with tempfile.TemporaryDirectory(prefix="glas-seg-finetune-") as run_dir:
-            loaded, _ = train(config, train_settings, train_samples, val, run_dir, init_state=state,
-                              valid_masks=train_masks, progress=record, cancel=cancel)
-            if val:  # keep the checkpoint the user's held-back images liked best, not the last
-                best_iteration, after = _best_validation(history, before)
-                # Iteration 0 is the base model: when no checkpoint beat it, its weights are kept.
-                weights = state if best_iteration == 0 else load_state(Path(run_dir) / "best.safetensors")[0]
-                loaded.network.load_state_dict(weights)
+        if layers == "none":
+            loaded = LoadedModel(build_network(config, state, base_entry.path.name).to(device).eval(), config, device)
+        else:
+            with tempfile.TemporaryDirectory(prefix="glas-seg-finetune-") as run_dir:
+                loaded, _ = train(config, train_settings, train_samples, val, run_dir, init_state=state,
+                                  valid_masks=train_masks, progress=record, cancel=cancel)
+                if val:  # keep the checkpoint the user's held-back images liked best, not the last
+                    best_iteration, after = _best_validation(history, before)
+                    # Iteration 0 is the base model: when no checkpoint beat it, its weights are kept.
+                    weights = state if best_iteration == 0 else load_state(Path(run_dir) / "best.safetensors")[0]
+                    loaded.network.load_state_dict(weights)
+        calibration = None
+        if settings.calibrate and not predicts_instances(loaded):
+            loaded.network.eval()
+            calibration = calibrate_thresholds(loaded, [s.image for s in train_samples],
+                                               [s.labels for s in train_samples], masks=train_masks, cancel=cancel)
+            config = config_replace(config, interior_threshold=calibration.interior_threshold,
+                                    foreground_threshold=calibration.foreground_threshold)
+            loaded = LoadedModel(loaded.network, config, device)
+            if val:
+                after = evaluate(loaded, val)
+        elif layers == "none" and val:
+            after = before
         if _should_stop(cancel):
             raise Cancelled()
         wall = time.perf_counter() - started
@@ -322,7 +339,7 @@ def finetune(
             "train_images": [s.name for s in train_samples],
             "val_images": [s.name for s in val],
             "corrected_regions_only": train_masks is not None,
-            "iterations": history[-1]["iteration"] if history else settings.iterations,
+            "iterations": 0 if layers == "none" else history[-1]["iteration"] if history else settings.iterations,
             "best_iteration": best_iteration,
             "settings": asdict(settings),
             "layers": layers,
@@ -330,6 +347,10 @@ def finetune(
             "corrected_objects": n_objects,
             "device": str(device),
             "wall_seconds": round(wall, 1),
+            "calibration": None if calibration is None else {
+                "interior_threshold": calibration.interior_threshold,
+                "foreground_threshold": calibration.foreground_threshold,
+                "on_train_images_before": calibration.before, "on_train_images_after": calibration.after},
             "validation_before": _rounded(before),
             "validation": _rounded(after),
         }

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from .image_io import to_float_rgb
-from .postprocess import instances_from_probabilities, labels_at_full_resolution, remove_small_labels, resize_labels
+from .postprocess import labels_from_probabilities, remove_small_labels, resize_labels
 from .tissue import fill_glass, glass_mask
 from skimage.segmentation import relabel_sequential
 from .models import get_architecture
@@ -267,24 +267,38 @@ def segment(
         ``labels`` int32 ``(H, W)`` and ``probabilities`` at the working scale.
     """
     check_segment_options(min_size=min_size)  # negative sizes; the rest is checked by predict_*
-    scale = model.config.scale
-    min_size = model.config.min_size if min_size is None else min_size
-    working_min_size = max(1, round(min_size * scale**2))
+    config = model.config
+    min_size = config.min_size if min_size is None else min_size
     shape = np.asarray(image).shape[:2]
-    glass = None
-    if mask_glass:
-        image = to_float_rgb(image)  # a fresh float copy: filled in place
-        glass = glass_mask(image)
-        if glass.any():
-            fill_glass(image, glass, out=image)
-    if predicts_instances(model):
-        labels, probabilities = predict_instances(model, image, min_size=working_min_size, **predict_kwargs)
-        labels = resize_labels(labels, shape)
-    else:
+    image, glass = hide_glass(image) if mask_glass else (image, None)
+    if not predicts_instances(model):
         probabilities = predict_probabilities(model, image, **predict_kwargs)
-        labels = instances_from_probabilities(probabilities, min_size=working_min_size)
-        labels = labels_at_full_resolution(labels, 1.0 - probabilities[0], shape)
+        del image
+        labels = labels_from_probabilities(probabilities, shape, min_size=min_size, scale=config.scale, glass=glass,
+                                           interior_threshold=config.interior_threshold,
+                                           foreground_threshold=config.foreground_threshold)
+        return Segmentation(labels, probabilities)
+    working_min_size = max(1, round(min_size * config.scale**2))
+    labels, probabilities = predict_instances(model, image, min_size=working_min_size, **predict_kwargs)
+    labels = resize_labels(labels, shape)
     if glass is not None and glass.any():
         labels[glass] = 0
         labels = relabel_sequential(remove_small_labels(labels, min_size))[0].astype(np.int32)
     return Segmentation(labels, probabilities)
+
+
+def hide_glass(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float RGB of ``image`` with blank glass at its border filled with mirrored tissue.
+
+    Returns
+    -------
+    rgb : ndarray of float32, shape ``(H, W, 3)``
+        A new array (:func:`.image_io.to_float_rgb`), glass filled in place (:func:`.tissue.fill_glass`).
+    glass : ndarray of bool, shape ``(H, W)``
+        The glass (:func:`.tissue.glass_mask`): background in the result.
+    """
+    rgb = to_float_rgb(image)
+    glass = glass_mask(rgb)
+    if glass.any():
+        fill_glass(rgb, glass, out=rgb)
+    return rgb, glass

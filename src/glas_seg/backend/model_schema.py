@@ -35,6 +35,8 @@ TILE_RANGE = (16, 8192)
 # Micrometres per input pixel: 0.05 is beyond any light microscope's sampling, 20 is a 0.5x
 # overview; outside that range the number is a unit mistake (nm, mm) rather than a pixel size.
 MPP_RANGE = (0.05, 20.0)
+# Post-processing probability thresholds: at 0 or 1 every pixel (or none) passes.
+THRESHOLD_RANGE = (0.01, 0.99)
 # Pixel classifiers output background / interior / boundary, which the watershed reads by index.
 PIXEL_CLASSES = 3
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -144,6 +146,9 @@ def config_faults(data: Mapping[str, Any]) -> list[str]:
         faults.append(_range_fault("tile_size", data["tile_size"], *TILE_RANGE))
     if check("mpp") and data["mpp"] is not None:
         faults.append(_range_fault("mpp", data["mpp"], *MPP_RANGE))
+    for key in ("interior_threshold", "foreground_threshold"):
+        if check(key):
+            faults.append(_range_fault(key, data[key], *THRESHOLD_RANGE))
     if check("min_size") and data["min_size"] < 0:
         faults.append(f"min_size {data['min_size']} must be 0 or more")
     return [fault for fault in faults if fault]

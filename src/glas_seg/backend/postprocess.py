@@ -110,13 +110,59 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
-def labels_at_full_resolution(labels: np.ndarray, foreground: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def labels_from_probabilities(
+    probabilities: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    min_size: int,
+    scale: float,
+    glass: np.ndarray | None = None,
+    interior_threshold: float = 0.5,
+    foreground_threshold: float = 0.5,
+) -> np.ndarray:
+    """Instance labels of a whole image from a pixel classifier's working-scale probabilities.
+
+    The one post-processing path of :func:`.inference.segment` (and of threshold calibration,
+    which runs it many times on the same probabilities): watershed at the working scale,
+    smooth outlines at full resolution, glass cleared.
+
+    Parameters
+    ----------
+    probabilities : ndarray of float, shape ``(3, h, w)``
+    shape : (H, W)
+        Full-resolution shape.
+    min_size : int
+        Smallest object in full-resolution pixels (``min_size * scale**2`` at the working scale).
+    scale : float
+        Working scale (``h / H``).
+    glass : ndarray of bool, shape ``(H, W)``, optional
+        Pixels that stay background (:func:`.tissue.glass_mask`).
+    interior_threshold, foreground_threshold : float
+        As for :func:`instances_from_probabilities`.
+
+    Returns
+    -------
+    ndarray of int32, shape ``(H, W)``
+    """
+    working_min_size = max(1, round(min_size * scale**2))
+    labels = instances_from_probabilities(probabilities, min_size=working_min_size,
+                                          interior_threshold=interior_threshold,
+                                          foreground_threshold=foreground_threshold)
+    labels = labels_at_full_resolution(labels, 1.0 - probabilities[0], shape, threshold=foreground_threshold)
+    if glass is not None and glass.any():
+        labels[glass] = 0
+        labels = relabel_sequential(remove_small_labels(labels, min_size))[0].astype(np.int32)
+    return labels
+
+
+def labels_at_full_resolution(labels: np.ndarray, foreground: np.ndarray, shape: tuple[int, int],
+                              threshold: float = 0.5) -> np.ndarray:
     """Upsample instance labels with outlines taken from the smoothly upsampled foreground.
 
     Nearest-neighbour upsampling alone gives stair-stepped outlines, up to one working pixel
     (two image pixels at scale 0.5) off. Here each object's id comes from the nearest
     neighbour, grown by up to one working pixel, and its extent from the bilinearly upsampled
-    foreground probability thresholded at 0.5, the same threshold the watershed used.
+    foreground probability thresholded as the watershed's foreground was.
 
     Parameters
     ----------
@@ -126,6 +172,8 @@ def labels_at_full_resolution(labels: np.ndarray, foreground: np.ndarray, shape:
         Probability of belonging to some object, at the working scale.
     shape : (H, W)
         Output shape.
+    threshold : float
+        Foreground threshold (the watershed's).
 
     Returns
     -------
@@ -136,7 +184,7 @@ def labels_at_full_resolution(labels: np.ndarray, foreground: np.ndarray, shape:
         return labels
     if foreground.shape != labels.shape:
         raise ValueError(f"foreground {foreground.shape} and labels {labels.shape} differ in shape")
-    smooth = resize(foreground.astype(np.float32), shape, order=1, mode="edge", anti_aliasing=False) > 0.5
+    smooth = resize(foreground.astype(np.float32), shape, order=1, mode="edge", anti_aliasing=False) > threshold
     factor = max(shape[0] / labels.shape[0], shape[1] / labels.shape[1])
     grown = expand_labels_in_strips(resize_labels(labels, shape), distance=int(np.ceil(factor)))
     grown[~smooth] = 0

@@ -17,7 +17,8 @@ DEFAULT_OVERLAP = 0.25
 #: encoder, or only the output layer(s).
 LAYER_CHOICES = ("all", "decoder", "head")
 #: What a fine-tune may be asked for: those, or "auto" (:meth:`FinetuneSettings.resolve`).
-FINETUNE_LAYER_CHOICES = ("auto", *LAYER_CHOICES)
+# "none": no weight changes at all, only the post-processing thresholds (``calibrate``).
+FINETUNE_LAYER_CHOICES = ("auto", *LAYER_CHOICES, "none")
 
 #: "auto" trains every layer when the corrected images hold at least this many objects, else only
 #: the head. Measured (docs/finetuning.md): 3 GlaS images (about 30 glands) lost object F1 on the
@@ -26,7 +27,7 @@ FINETUNE_LAYER_CHOICES = ("auto", *LAYER_CHOICES)
 AUTO_ALL_LAYERS_MIN_OBJECTS = 100
 #: Learning rates "auto" uses: the head alone moves slowly and can take a large rate; every
 #: layer at 3e-4 (the earlier default) or even 1e-4 overfitted three images within 100 steps.
-AUTO_LEARNING_RATE = {"head": 1e-3, "decoder": 3e-5, "all": 3e-5}
+AUTO_LEARNING_RATE = {"head": 1e-3, "decoder": 3e-5, "all": 3e-5, "none": 0.0}
 
 
 @dataclass
@@ -50,7 +51,11 @@ class FinetuneSettings:
     layers : {"auto", "all", "decoder", "head"}
         Which parameters train: all, everything but the encoder, or only the output layer(s)
         (the split is a fact of each architecture, :class:`.models.Architecture`); "auto": all
-        when the corrected images hold ``AUTO_ALL_LAYERS_MIN_OBJECTS`` objects or more, else the head.
+        when the corrected images hold ``AUTO_ALL_LAYERS_MIN_OBJECTS`` objects or more, else the head;
+        "none": the weights stay the base model's (with ``calibrate``: thresholds only).
+    calibrate : bool
+        After training, choose the watershed thresholds on the corrected training images
+        (:func:`.calibrate.calibrate_thresholds`; pixel classifiers only).
     l2sp : float
         Pull towards the base model's weights (L2-SP, decoupled like AdamW's weight decay:
         ``w -= lr * l2sp * (w - w_base)`` per step); 0 turns it off.
@@ -84,6 +89,7 @@ class FinetuneSettings:
     eval_every: int = 50
     patience: int = 3
     freeze_norm: bool = True
+    calibrate: bool = False
     seed: int = 0
     device: str = "auto"
 
@@ -106,6 +112,8 @@ class FinetuneSettings:
             raise GlasSegError("augmentation strength must be between 0 and 2")
         if self.patience < 0:
             raise GlasSegError("patience must be 0 or more")
+        if self.layers == "none" and not self.calibrate:
+            raise GlasSegError('layers "none" changes nothing without calibration: turn calibration on or train some layers')
 
     def resolve(self, n_objects: int) -> tuple[str, float]:
         """The layers that train and the learning rate, "auto" and None decided.
