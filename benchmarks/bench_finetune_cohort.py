@@ -164,7 +164,7 @@ def run(args) -> None:
             record = {
                 "task": task, "base": args.base, "config": name, "settings": values, "choice": k,
                 "finetune_images": [s.name for s in tune], "seconds": round(seconds, 1),
-                "iterations_run": result.history[-1]["iteration"], "load_average_before": round(load, 2),
+                "iterations_run": result.history[-1]["iteration"] if result.history else 0, "load_average_before": round(load, 2),
                 "threads": torch.get_num_threads(), "tile_size": args.tile_size,
                 "layers": result.layers, "learning_rate": result.learning_rate,
                 "cohort_before": base.pooled(test), "cohort_after": tuned.pooled(test),
