@@ -42,3 +42,19 @@ def test_cancelled_export_leaves_no_file(docked, qtbot, tmp_path):
         w.task.cancel()  # what the Cancel button does
     assert blocker.args[0] == "cancelled"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_zip_exports_a_bioimageio_package(docked, qtbot, tmp_path, monkeypatch):
+    import zipfile
+
+    from qtpy.QtWidgets import QFileDialog
+
+    _, w = docked(SegmentWidget)
+    w.model.value = "unet-glands"
+    # The bioimage.io filter chosen, a name without suffix -> a .zip package (docs/export.md)
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(
+        lambda *a, **k: (str(tmp_path / "model"), "bioimage.io package, for Fiji / DeepImageJ (*.zip)")))
+    assert export_and_wait(qtbot, w) == "done"
+    written = tmp_path / "model.zip"
+    assert zipfile.is_zipfile(written) and "rdf.yaml" in zipfile.ZipFile(written).namelist()
+    assert "bioimageio" in w.status.value and list(tmp_path.iterdir()) == [written]

@@ -238,7 +238,8 @@ class SegmentWidget(Container):
 
     def export_model(self, path: str | None = None) -> None:
         """Export the selected model in the background (docs/export.md); asks for the file unless
-        ``path`` is given. ``.pt`` means TorchScript, anything else ONNX."""
+        ``path`` is given. ``.pt`` means TorchScript, ``.zip`` a bioimage.io package (Fiji /
+        DeepImageJ), anything else ONNX."""
         if self.task.running:
             show_info("glas-seg: wait until the running task has finished")
             return
@@ -253,12 +254,14 @@ class SegmentWidget(Container):
 
             path, chosen = QFileDialog.getSaveFileName(
                 self.native, f"Export {name}", f"{name}.onnx",
-                "ONNX, for onnxruntime (*.onnx);;TorchScript, for QuPath / Fiji (*.pt)")
+                "ONNX, for onnxruntime (*.onnx);;TorchScript, for QuPath (*.pt);;"
+                "bioimage.io package, for Fiji / DeepImageJ (*.zip)")
             if not path:
                 return
             if not Path(path).suffix:  # the filter chosen names the format
-                path += ".pt" if chosen.startswith("TorchScript") else ".onnx"
-        fmt = "torchscript" if str(path).lower().endswith((".pt", ".pth")) else "onnx"
+                path += ".pt" if chosen.startswith("TorchScript") else ".zip" if chosen.startswith("bioimage") else ".onnx"
+        suffix = str(path).lower()
+        fmt = "torchscript" if suffix.endswith((".pt", ".pth")) else "bioimageio" if suffix.endswith(".zip") else "onnx"
 
         def job(report, cancel):
             from .backend.export import export_model, sidecar_path
@@ -272,7 +275,8 @@ class SegmentWidget(Container):
             return written, sidecar_path(written)
 
         def done(out) -> None:
-            self.status.value = f"Exported {name} ({fmt}) to {out[0]}; its settings are in {out[1].name}"
+            settings = "rdf.yaml and README.md inside" if fmt == "bioimageio" else f"its settings are in {out[1].name}"
+            self.status.value = f"Exported {name} ({fmt}) to {out[0]}; {settings}"
 
         self.panel.start(job, done, f"glas-seg: exporting {name}", f"Exporting {name} as {fmt}...")
 

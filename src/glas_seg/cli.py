@@ -312,7 +312,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .backend.export import export_model, sidecar_path
 
     path = export_model(args.model, args.out, format=args.format, mode=args.mode)
-    print(f"exported {args.model} ({args.format}) to {path}; configuration in {sidecar_path(path)}", file=sys.stderr)
+    where = "rdf.yaml and README.md inside" if args.format == "bioimageio" else f"configuration in {sidecar_path(path)}"
+    print(f"exported {args.model} ({args.format}) to {path}; {where}", file=sys.stderr)
     return 0
 
 
@@ -450,14 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--overwrite", action="store_true", help="replace a user model of the same name")
     ft.set_defaults(func=cmd_finetune)
 
-    ex = sub.add_parser("export", help="export a model to TorchScript or ONNX (for QuPath, Fiji, onnxruntime)",
+    ex = sub.add_parser("export", help="export a model to TorchScript, ONNX or a bioimage.io package "
+                                       "(for QuPath, Fiji/DeepImageJ, onnxruntime)",
                         description="Write MODEL with its normalisation and softmax as TorchScript or ONNX, plus "
-                                    "OUT.json with its configuration. Input: float32 (N, 3, H, W) RGB in [0, 1] at "
-                                    "the model's working scale, H and W multiples of size_multiple; output: class "
-                                    "probabilities (N, C, H, W). See docs/export.md.")
+                                    "OUT.json with its configuration, or both in a bioimage.io model package "
+                                    "(--format bioimageio, OUT a .zip: Fiji's DeepImageJ, ilastik). Input: float32 "
+                                    "(N, 3, H, W) RGB in [0, 1] at the model's working scale, H and W multiples of "
+                                    "size_multiple; output: class probabilities (N, C, H, W). See docs/export.md.")
     ex.add_argument("model", help="model name (see `glas-seg models`) or .safetensors path")
-    ex.add_argument("--format", required=True, choices=["torchscript", "onnx"])
-    ex.add_argument("--out", required=True, help="output file (e.g. model.pt or model.onnx); replaced if it exists")
+    # backend.export.FORMATS, written out: importing it would load torch (tests/test_export_bioimageio.py)
+    ex.add_argument("--format", required=True, choices=["torchscript", "onnx", "bioimageio"])
+    ex.add_argument("--out", required=True, help="output file (model.pt, model.onnx, or model.zip for bioimageio); "
+                                                 "replaced if it exists")
     ex.add_argument("--mode", default=None, choices=["accurate", "fast"],
                     help="inference mode of models that have several (U-Net++)")
     ex.set_defaults(func=cmd_export)

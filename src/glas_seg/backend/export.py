@@ -13,6 +13,8 @@ Next to the model file a JSON sidecar (``<file>.json``) records everything neede
 the way glas-seg does: classes, working scale and pixel size, tile size, size multiple,
 normalisation and the post-processing settings (minimum object size, thresholds, targets mode).
 Instance networks (Mask R-CNN) return detections, not probabilities, and are refused.
+``format="bioimageio"`` packages the TorchScript and ONNX files as a bioimage.io model zip
+(Fiji's DeepImageJ, ilastik): :mod:`.export_bioimageio`.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ if TYPE_CHECKING:
     from .checkpoint import ModelConfig
     from .registry import LoadedModel
 
-FORMATS = ("torchscript", "onnx")
+#: "bioimageio" is a zip package around the TorchScript (and ONNX) file: .export_bioimageio.
+FORMATS = ("torchscript", "onnx", "bioimageio")
 SIDECAR_VERSION = 1
 ONNX_OPSET = 17  # onnxruntime >= 1.12, OpenCV's DNN module and DJL's ONNX engine all read it
 
@@ -276,7 +279,9 @@ def export_model(
     path : str or Path
         Output file (``.pt`` for TorchScript, ``.onnx`` for ONNX by convention); the sidecar is
         written next to it as ``<path>.json``.
-    format : {"onnx", "torchscript"}
+    format : {"onnx", "torchscript", "bioimageio"}
+        ``"bioimageio"`` writes a bioimage.io model package (``.zip``, for Fiji's DeepImageJ) with
+        :func:`.export_bioimageio.export_bioimageio` instead; no sidecar is written next to it.
     mode : {None, "accurate", "fast"}
         Inference mode of architectures that have several (U-Net++); None keeps the model's own.
     overwrite : bool
@@ -302,6 +307,10 @@ def export_model(
 
     if format not in FORMATS:
         raise GlasSegError(f"Unknown export format {format!r}; use one of: {', '.join(FORMATS)}")
+    if format == "bioimageio":
+        from .export_bioimageio import export_bioimageio
+
+        return export_bioimageio(model, path, mode=mode, overwrite=overwrite)
     path = output_file(path, "export file")
     if not overwrite and path.exists():
         raise GlasSegError(f"{path} exists; choose another name or allow overwriting")
