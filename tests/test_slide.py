@@ -112,7 +112,7 @@ import warnings  # noqa: E402
 
 from scipy import ndimage as ndi  # noqa: E402
 
-from glas_seg.backend import inference  # noqa: E402
+from glas_seg.backend import inference, slide_segment  # noqa: E402
 from glas_seg.backend.progress import Cancelled  # noqa: E402
 from glas_seg.backend.slide_export import export_objects, write_labels_tiff  # noqa: E402
 from glas_seg.backend.slide_segment import open_labels, segment_slide  # noqa: E402
@@ -145,6 +145,9 @@ def fake_segment(monkeypatch):
         return inference.Segmentation(labels, np.stack([1 - foreground, foreground, 0 * foreground]))
 
     monkeypatch.setattr(inference, "segment", segment)
+    # Windows exactly as tissue_windows cut them (no growth to WINDOW_STEP): these tests check
+    # which pixels the network is shown; test_windows_are_read_in_few_shapes checks the growth.
+    monkeypatch.setattr(slide_segment, "WINDOW_STEP", 1)
     return calls
 
 
@@ -351,3 +354,33 @@ def test_stray_pixels_of_an_object_do_not_make_it_cut():
     [(index, box, cut)] = pieces
     assert index == 1 and not cut and box == (slice(40, 60), slice(40, 60))
     assert labels[0:2, 70:72].sum() == 0 and (labels == 1).sum() == 400
+
+
+def test_windows_are_read_in_few_shapes(tmp_path, fake_segment, monkeypatch):
+    """Windows grow (with real slide pixels) to a multiple of WINDOW_STEP model pixels a side, so the
+    network sees few input shapes (oneDNN keeps kernels per shape); the labels are unchanged."""
+    image, truth = shapes_slide(height=1400)
+    path = write_pyramid(tmp_path / "shapes.tif", image, mpp=2.0, levels=2)
+    exact = segment_slide(fake_model(), path, tmp_path / "exact.zarr", chunk_size=256, halo=32)
+    exact_shapes = set(fake_segment)
+    fake_segment.clear()
+    monkeypatch.setattr(slide_segment, "WINDOW_STEP", 64)
+    grown = segment_slide(fake_model(), path, tmp_path / "grown.zarr", chunk_size=256, halo=32)
+    H, W = image.shape[:2]
+    # Every side is a multiple of 64 model pixels unless the slide itself is smaller.
+    assert all((h % 64 == 0 or h == H) and (w % 64 == 0 or w == W) for h, w, _ in fake_segment)
+    assert len(set(fake_segment)) < len(exact_shapes)
+    np.testing.assert_array_equal(grown.labels(0)[:], exact.labels(0)[:])
+    assert_one_id_per_object(grown.labels(0)[:], truth)
+
+
+def test_grow_to_step_stays_inside_and_centred():
+    from glas_seg.backend.slide_segment import _grow_to_step, _model_length
+
+    for start, stop, limit, per_pixel in [(100, 400, 10_000, 1.0), (0, 50, 10_000, 1.0), (9_900, 9_990, 10_000, 1.0),
+                                          (100, 401, 10_000, 0.806), (5, 1_700, 10_000, 2.0), (10, 90, 100, 1.0)]:
+        a, b = _grow_to_step(start, stop, limit, per_pixel)
+        assert 0 <= a <= start and stop <= b <= limit
+        model = _model_length(b - a, per_pixel)
+        assert model % slide_segment.WINDOW_STEP == 0 or b - a == limit
+        assert abs(model - (b - a) * per_pixel) <= 1.5
