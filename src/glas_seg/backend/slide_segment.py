@@ -722,9 +722,11 @@ def segment_window(model, reader: SlideReader, job: WindowJob, cancel: CancelTok
 #: Windows are read (with the slide's own pixels around them) to a multiple of this many model
 #: pixels a side. oneDNN compiles and keeps kernels for every input shape the network sees, and
 #: windows of all different sizes made the resident memory creep (320 MP benchmark slide, 96
-#: windows, peak 1.50 GB; 1.38 GB with this step, 1.29 GB with 256). The cost is compute on the
-#: added context: +16 to 21 % pixels on the benchmark slides (256: +29 to 35 %).
-WINDOW_STEP = 128
+#: windows: peak 1.50 GB; 1.29 GB with this step, 1.38-1.45 GB with 128). The cost is compute on
+#: the added context, only for windows smaller than a chunk (a full chunk with its halo, 2560
+#: model pixels, is already a multiple): +29 to 35 % pixels on the benchmark slides, whose tissue
+#: is GlaS images scattered on glass (128: +16 to 21 %).
+WINDOW_STEP = 256
 
 
 def _grow_to_step(start: int, stop: int, limit: int, model_per_pixel: float) -> tuple[int, int]:
