@@ -120,7 +120,7 @@ def parse_config(text: str) -> tuple[str, dict]:
         if key not in fields:
             raise SystemExit(f"unknown FinetuneSettings field {key!r} in {text!r}")
         default = getattr(FinetuneSettings(), key)
-        if isinstance(default, bool):
+        if isinstance(default, bool) or "bool" in str(fields[key]):
             values[key] = raw.lower() in ("1", "true", "yes")
         else:  # None defaults (learning_rate: chosen for the layers) are numbers when given
             values[key] = type(default)(raw) if default is not None else float(raw)

@@ -89,7 +89,12 @@ def test_thresholds_only_finetune_keeps_weights_and_base_file(glas_crops):
 
 def test_threshold_settings_and_model_files_are_checked():
     with pytest.raises(GlasSegError, match="changes nothing"):
-        FinetuneSettings(layers="none")
+        FinetuneSettings(layers="none", calibrate=False)
+    # "auto" (None): thresholds when only the head trains or nothing does, not with every layer.
+    auto = FinetuneSettings()
+    assert [auto.resolve_calibrate(layers) for layers in ("head", "none", "decoder", "all")] == [True, True, False, False]
+    assert FinetuneSettings(calibrate=False).resolve_calibrate("head") is False
+    assert FinetuneSettings(calibrate=True).resolve_calibrate("all") is True
     config = load_model("unet-glands", "cpu").config
     data = config_replace(config, interior_threshold=1.5).__dict__
     assert any("interior_threshold" in fault for fault in config_faults(data))

@@ -24,7 +24,8 @@ from glas_seg.backend.inference import Cancelled, segment
 from glas_seg.backend.registry import build_model, load_model, user_model_dir
 from conftest import disc_sample
 
-FAST = dict(iterations=3, batch_size=2, crop_size=32, eval_every=3, device="cpu")
+# calibrate=False: thresholds are covered by tests/test_calibrate.py.
+FAST = dict(iterations=3, batch_size=2, crop_size=32, eval_every=3, device="cpu", calibrate=False)
 
 
 def make_base(path: Path) -> Path:

@@ -22,7 +22,8 @@ from conftest import disc_sample
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAST = dict(iterations=3, batch_size=2, crop_size=32, eval_every=1, device="cpu")
+# calibrate=False: these tests script the validation scores; tests/test_calibrate.py covers thresholds.
+FAST = dict(iterations=3, batch_size=2, crop_size=32, eval_every=1, device="cpu", calibrate=False)
 
 
 @pytest.fixture

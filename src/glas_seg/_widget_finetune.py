@@ -138,16 +138,17 @@ class FinetuneWidget(Container):
         self.iterations = SpinBox(label="Iterations", min=1, max=100000, step=50, value=_FT.iterations)
         self.learning_rate = FloatSpinBox(label="Learning rate", min=0.0, max=0.1, step=1e-5,
                                           value=_FT.learning_rate or 0.0,
-                                          tooltip="auto: 1e-3 when only the head trains, 3e-5 otherwise")
+                                          tooltip="auto: 3e-4 when only the head trains, 3e-5 otherwise")
         self.learning_rate.native.setDecimals(6)
         self.learning_rate.native.setSpecialValueText("auto")  # shown at 0, which means None
         self.augment = CheckBox(text="Augmentation", value=_FT.augment)
         self.val_share = FloatSpinBox(label="Validation share", min=0.0, max=0.9, step=0.05, value=_FT.val_fraction,
                                       tooltip="Share of the images held out to measure the model (needs 2+ images); "
                                               "the best-scoring checkpoint is kept")
-        self.calibrate = CheckBox(text="Choose thresholds on the corrected images", value=_FT.calibrate,
+        self.calibrate = ComboBox(label="Thresholds from corrections", choices=["auto", "on", "off"], value="auto",
                                   tooltip="After training, pick the watershed's seed and foreground thresholds "
-                                          "that segment your corrected images best (seconds; no forgetting)")
+                                          "that segment your corrected images best (seconds; no forgetting). "
+                                          "auto: when only the head trains")
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.new_name = LineEdit(label="New model name", value="")
         self.advanced = CheckBox(text="Advanced options", value=False)
@@ -326,7 +327,7 @@ class FinetuneWidget(Container):
             augment=bool(self.augment.value), val_fraction=float(self.val_share.value), device=self.device.value,
             eval_every=max(10, int(self.iterations.value) // 8), layers=self.layers.value, l2sp=float(self.l2sp.value),
             augment_strength=float(self.augment_strength.value), patience=int(self.patience.value),
-            freeze_norm=bool(self.freeze_norm.value), calibrate=bool(self.calibrate.value),
+            freeze_norm=bool(self.freeze_norm.value), calibrate={"auto": None, "on": True, "off": False}[self.calibrate.value],
         )
 
     def run(self, _value=None) -> None:

@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--iterations", type=int, default=ft_defaults.iterations,
                     help="optimizer steps, each on --batch-size random crops (default: %(default)s; a few minutes on a CPU)")
     ft.add_argument("--lr", type=float, default=ft_defaults.learning_rate,
-                    help="peak learning rate (default: 1e-3 when only the head trains, 3e-5 otherwise)")
+                    help="peak learning rate (default: 3e-4 when only the head trains, 3e-5 otherwise)")
     ft.add_argument("--batch-size", type=int, default=ft_defaults.batch_size, help="crops per step (default: %(default)s)")
     ft.add_argument("--crop-size", type=int, default=ft_defaults.crop_size,
                     help="crop side at the model's working scale (default: %(default)s)")
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "objects, else head (default: %(default)s)")
     ft.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=ft_defaults.calibrate,
                     help="after training, choose the watershed thresholds that segment the corrected images best "
-                         "(default: %(default)s)")
+                         "(default: when only the head trains, or with --layers none)")
     ft.add_argument("--l2sp", type=float, default=ft_defaults.l2sp,
                     help="pull towards the base model's weights (L2-SP; 0: off; default: %(default)s)")
     ft.add_argument("--update-norm-stats", action="store_true",

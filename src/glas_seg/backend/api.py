@@ -309,7 +309,7 @@ def finetune(
     eval_every: int = _FT.eval_every,
     patience: int = _FT.patience,
     freeze_norm: bool = _FT.freeze_norm,
-    calibrate: bool = _FT.calibrate,
+    calibrate: bool | None = _FT.calibrate,
     seed: int = _FT.seed,
     device: str = _FT.device,
     description: str = "",
@@ -341,7 +341,7 @@ def finetune(
         following options are :class:`FinetuneSettings`' (chosen by the benchmark in
         docs/finetuning.md).
     learning_rate : float or None
-        Peak learning rate (AdamW, short warm-up, cosine decay); None: 1e-3 when only the head
+        Peak learning rate (AdamW, short warm-up, cosine decay); None: 3e-4 when only the head
         trains, 3e-5 otherwise.
     batch_size, crop_size : int
         Crops per step and their side, in pixels at the model's working scale.
@@ -364,9 +364,10 @@ def finetune(
         best-scoring checkpoint is kept either way (0: never stop early).
     freeze_norm : bool, default True
         Keep the base model's batch-norm statistics (see docs/finetuning.md).
-    calibrate : bool
+    calibrate : bool or None
         After training, choose the watershed's interior and foreground thresholds that
-        segment the corrected images best (a few seconds per image; pixel classifiers only).
+        segment the corrected images best (a few seconds per image; pixel classifiers only);
+        None: when only the head trains or ``layers="none"``.
     seed : int, default 0
     device : str, default ``"auto"``
     description : str

@@ -318,17 +318,17 @@ def finetune(
                     weights = state if best_iteration == 0 else load_state(Path(run_dir) / "best.safetensors")[0]
                     loaded.network.load_state_dict(weights)
         calibration = None
-        if settings.calibrate and not predicts_instances(loaded):
+        if settings.resolve_calibrate(layers) and not predicts_instances(loaded):
             loaded.network.eval()
             calibration = calibrate_thresholds(loaded, [s.image for s in train_samples],
                                                [s.labels for s in train_samples], masks=train_masks, cancel=cancel)
             config = config_replace(config, interior_threshold=calibration.interior_threshold,
                                     foreground_threshold=calibration.foreground_threshold)
             loaded = LoadedModel(loaded.network, config, device)
-            if val:
+            if val and calibration.changed:
                 after = evaluate(loaded, val)
-        elif layers == "none" and val:
-            after = before
+        if layers == "none" and val and after is None:
+            after = before  # the base weights with the base thresholds
         if _should_stop(cancel):
             raise Cancelled()
         wall = time.perf_counter() - started
