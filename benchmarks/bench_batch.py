@@ -90,14 +90,7 @@ def main() -> None:
         jobs = [(p, f"{p.stem}_labels.tif") for p in inputs]
         results["slides"] = {"count": len(slides), "size": args.slide_size}
         here, there = Path(tmp) / "in_process", Path(tmp) / "cluster"
-        remember_model(options, load_model(entry.path, "cpu"))
-        summary = run_batch(jobs, here, options)
-        results["in_process_s"] = round(summary.wall_seconds, 1)
-        started = time.perf_counter()
-        with dask_client(workers=args.workers) as client:
-            results["cluster_start_s"] = round(time.perf_counter() - started, 1)
-            summary_c = run_batch(jobs, there, options, client=client, executor=f"LocalCluster({args.workers})")
-        results["cluster_s"] = round(summary_c.wall_seconds, 1)
+        summary, summary_c = in_process_and_on_dask(jobs, here, there, options, entry, args.workers, results, "cluster_s")
         assert not summary.failed and not summary_c.failed, (summary.failed, summary_c.failed)
         differ = [name for _, name in jobs
                   if not np.array_equal(tifffile.imread(here / name), tifffile.imread(there / name))]
@@ -113,6 +106,21 @@ def main() -> None:
     print(json.dumps(results, indent=1))
 
 
+def in_process_and_on_dask(jobs, here: Path, there: Path, options, entry, workers: int, results: dict,
+                           key: str, **batch_kwargs):
+    """The same batch in this process (into ``here``) and on a LocalCluster of ``workers`` (into
+    ``there``); wall times go to ``results`` (``in_process_s``, ``cluster_start_s``, ``key``)."""
+    remember_model(options, load_model(entry.path, "cpu"))
+    summary = run_batch(jobs, here, options)
+    results["in_process_s"] = round(summary.wall_seconds, 1)
+    started = time.perf_counter()
+    with dask_client(workers=workers) as client:
+        results["cluster_start_s"] = round(time.perf_counter() - started, 1)
+        other = run_batch(jobs, there, options, client=client, executor=f"LocalCluster({workers})", **batch_kwargs)
+    results[key] = round(other.wall_seconds, 1)
+    return summary, other
+
+
 def split_slide(args) -> None:
     """One slide in-process vs split across ``args.workers`` (run_batch with split_slides=True)."""
     entry = find_model(args.model)
@@ -125,15 +133,8 @@ def split_slide(args) -> None:
             raise SystemExit(f"a {args.slide_size} slide is written with one level: not a slide; give a larger --slide-size")
         jobs = [(slide, f"{slide.stem}_labels.tif")]
         here, there = Path(tmp) / "in_process", Path(tmp) / "split"
-        remember_model(options, load_model(entry.path, "cpu"))
-        summary = run_batch(jobs, here, options)
-        results["in_process_s"] = round(summary.wall_seconds, 1)
-        started = time.perf_counter()
-        with dask_client(workers=args.workers) as client:
-            results["cluster_start_s"] = round(time.perf_counter() - started, 1)
-            split = run_batch(jobs, there, options, client=client, executor=f"LocalCluster({args.workers})",
-                              split_slides=True)
-        results["split_s"] = round(split.wall_seconds, 1)
+        summary, split = in_process_and_on_dask(jobs, here, there, options, entry, args.workers, results, "split_s",
+                                                split_slides=True)
         assert not summary.failed and not split.failed, (summary.failed, split.failed)
         name = jobs[0][1]
         with open_slide(slide) as reader:  # chunks and windows, for the record
