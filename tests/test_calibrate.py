@@ -99,3 +99,44 @@ def test_threshold_settings_and_model_files_are_checked():
     data = config_replace(config, interior_threshold=1.5).__dict__
     assert any("interior_threshold" in fault for fault in config_faults(data))
     assert not config_faults(config_replace(config, foreground_threshold=0.3).__dict__)
+
+
+def _fake_calibration(model, images, labels, **kwargs):
+    from glas_seg.backend.calibrate import Calibration
+
+    return Calibration(0.4, 0.6, {"object_f1": 0.5, "object_dice": 0.5, "score": 1.0},
+                       {"object_f1": 0.7, "object_dice": 0.6, "score": 1.3})
+
+
+@pytest.mark.parametrize("held_back_f1, kept", [(0.5, False), (0.8, True)])
+def test_thresholds_are_kept_only_when_the_held_back_images_agree(glas_crops, monkeypatch, held_back_f1, kept):
+    """With held-back images, thresholds chosen on the training images must not lower their score."""
+    from glas_seg.backend import finetune as finetune_module
+    from glas_seg.backend.data import Sample
+
+    def fake_evaluate(model, samples):
+        tuned = model.config.interior_threshold != 0.5
+        f1 = held_back_f1 if tuned else 0.6
+        return {"pixel_dice": f1, "object_f1": f1, "object_f1_pooled": f1, "object_dice": f1, "object_hausdorff": 1.0}
+
+    monkeypatch.setattr(finetune_module, "calibrate_thresholds", _fake_calibration)
+    monkeypatch.setattr(finetune_module, "evaluate", fake_evaluate)
+    images, labels = glas_crops
+    samples = [Sample(f"crop{i}", image, label) for i, (image, label) in enumerate(zip(images, labels))]
+    result = finetune_module.finetune("unet-glands", samples, f"thr-{kept}", FinetuneSettings(layers="none", device="cpu"),
+                                      val_samples=samples[1:])
+    config = load_model(result.entry.name, "cpu").config
+    assert result.thresholds["chosen"] is kept
+    assert (config.interior_threshold, config.foreground_threshold) == ((0.4, 0.6) if kept else (0.5, 0.5))
+    assert result.after["object_f1"] == (held_back_f1 if kept else 0.6)
+    assert ("chosen on the corrected images" in finetune_module.format_thresholds(result)) is kept
+
+
+def test_detection_models_have_no_thresholds_to_choose(glas_crops):
+    from glas_seg.backend.data import Sample
+    from glas_seg.backend.finetune import finetune
+
+    images, labels = glas_crops
+    with pytest.raises(GlasSegError, match="detects objects directly"):
+        finetune("maskrcnn-glands", [Sample("a", images[0], labels[0])], "mrcnn-thr",
+                 FinetuneSettings(layers="none", device="cpu"))

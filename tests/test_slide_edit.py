@@ -131,7 +131,7 @@ def manifest_p(labels, index):
 
 
 def test_new_ids_at_or_above_next_id_are_renumbered_and_free_ids_kept(tmp_path):
-    path = make_label_store(tmp_path / "s.zarr", store_labels(), complete=False)
+    path = make_label_store(tmp_path / "s.zarr", store_labels())
     next_id = manifest(path)["next_id"]
     region = read_labels_region(path, (0, 600, 0, 600))
     edited = region.copy()
@@ -141,9 +141,33 @@ def test_new_ids_at_or_above_next_id_are_renumbered_and_free_ids_kept(tmp_path):
     assert result.renamed == {70_000: next_id}
     labels = open_labels(path)[0][:]
     assert (labels[500:550, 50:100] == next_id).all() and (labels[400:450, 50:100] == 5).all()
-    assert manifest(path)["complete"] is False and manifest(path)["next_id"] == next_id + 1
+    assert manifest(path)["complete"] is True and manifest(path)["next_id"] == next_id + 1
     assert_table_matches(path)
     assert_pyramid_follows_level0(path)
+
+
+def test_unfinished_segmentations_are_not_written(tmp_path):
+    """A running (or interrupted) segment_slide holds its own object table and next id in memory
+    and would overwrite what an edit wrote: refused, the store untouched."""
+    path = make_label_store(tmp_path / "s.zarr", store_labels(), complete=False)
+    before, table = open_labels(path)[0][:], manifest(path)
+    edited = read_labels_region(path, (0, 600, 0, 600)).copy()
+    edited[400:450, 50:100] = 5
+    with pytest.raises(GlasSegError, match="has not finished"):
+        write_labels_region(path, (0, 600, 0, 600), edited)
+    np.testing.assert_array_equal(open_labels(path)[0][:], before)
+    assert manifest(path) == table
+
+
+def test_a_region_filled_by_one_object_is_written(store):
+    """No background in the box (a fill inside a gland): one id only."""
+    box = (300, 340, 300, 340)
+    region = read_labels_region(store, box)
+    index = int(region.max()) or 1
+    write_labels_region(store, box, np.full(region.shape, index, np.uint32))
+    assert (open_labels(store)[0][300:340, 300:340] == index).all()
+    assert_table_matches(store)
+    assert_pyramid_follows_level0(store)
 
 
 def test_write_refuses_when_the_store_changed_since_read(store):

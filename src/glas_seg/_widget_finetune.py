@@ -23,7 +23,8 @@ from ._background import TaskPanel
 from ._dock import dock_as_tab, raise_tab, style_figure
 from ._layers import ERROR_ROLES, PROBABILITY, fits
 from .backend import model_store
-from .backend.finetune import FinetuneSettings, finetune, format_before_after, samples_from_arrays
+from .backend.finetune import (FinetuneSettings, finetune, format_before_after, format_thresholds,
+                                samples_from_arrays)
 from .backend.registry import DEFAULT_MODEL, list_models
 from .backend.settings import FINETUNE_LAYER_CHOICES
 
@@ -390,9 +391,9 @@ class FinetuneWidget(Container):
         self.last_result = result
         name = result.entry.name
         text = f"Saved model {name!r} ({result.wall_seconds:.0f} s; trained {result.layers}, lr {result.learning_rate:g})."
-        report = format_before_after(result)
-        if report:
-            text += f" {report}."
+        for report in (format_thresholds(result), format_before_after(result)):
+            if report:
+                text += f" {report}."
         self.timing.value = f"Took {format_duration(result.wall_seconds)}"
         self.status.value = text
         show_info(f"glas-seg: {text}")

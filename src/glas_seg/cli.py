@@ -244,7 +244,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from .backend.finetune import FinetuneSettings, finetune, format_before_after, samples_from_folders
+    from .backend.finetune import (FinetuneSettings, finetune, format_before_after, format_thresholds,
+                                   samples_from_folders)
 
     samples = samples_from_folders(args.images_dir, args.labels_dir)
     print(f"{len(samples)} image/label pair(s): {', '.join(s.name for s in samples[:8])}"
@@ -267,9 +268,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(f"trained layers: {result.layers}, learning rate {result.learning_rate:g}", file=sys.stderr)
     print(f"saved user model {result.entry.name!r} to {result.entry.path} ({result.wall_seconds:.0f} s); "
           f"use it with: glas-seg segment --model {result.entry.name} ...", file=sys.stderr)
-    report = format_before_after(result)
-    if report:
-        print(report, file=sys.stderr)
+    for report in (format_thresholds(result), format_before_after(result)):
+        if report:
+            print(report, file=sys.stderr)
     return 0
 
 
@@ -429,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="scale of flips, rotations, elastic, colour and stain jitter, 0-2 (default: %(default)s)")
     ft.add_argument("--layers", choices=FINETUNE_LAYER_CHOICES, default=ft_defaults.layers,
                     help="which parameters train: all, decoder (all but the encoder), head (output layers only), "
-                         "none (with --calibrate: thresholds only); auto: all when the corrected images hold 100+ "
+                         "none (thresholds only: calibration on); auto: all when the corrected images hold 100+ "
                          "objects, else head (default: %(default)s)")
     ft.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=ft_defaults.calibrate,
                     help="after training, choose the watershed thresholds that segment the corrected images best "

@@ -29,6 +29,7 @@ from .errors import GlasSegError
 from .calibrate import calibrate_thresholds
 from .image_io import to_float_rgb
 from .inference import predicts_instances
+from .models import get_architecture
 from .progress import Cancelled, is_cancelled as _should_stop
 from .labelmaps import bounding_box
 from .registry import LoadedModel, ModelEntry, build_network, find_model, pick_device
@@ -62,6 +63,9 @@ class FinetuneResult:
         The layers that trained (``"auto"`` decided, :meth:`FinetuneSettings.resolve`).
     learning_rate : float
         The peak learning rate used.
+    thresholds : dict or None
+        ``interior_threshold`` and ``foreground_threshold`` of the new model and ``chosen``
+        (whether they were chosen on the corrected images and kept), when calibration ran.
     """
 
     entry: ModelEntry
@@ -75,6 +79,7 @@ class FinetuneResult:
     stopped_early: bool = False
     layers: str = ""
     learning_rate: float = 0.0
+    thresholds: dict | None = None
 
 
 # -- building training samples -------------------------------------------------------------------
@@ -279,6 +284,9 @@ def finetune(
     )
     n_objects = count_objects(train_samples, train_masks)
     layers, learning_rate = settings.resolve(n_objects)
+    if get_architecture(base_config.architecture).predicts_instances and (settings.calibrate or layers == "none"):
+        raise GlasSegError(f"{base_entry.name} detects objects directly: it has no watershed thresholds to choose "
+                           "(leave calibration off and train some layers)")
     train_settings = None if layers == "none" else TrainSettings(
         iterations=settings.iterations, eval_every=settings.eval_every if val else settings.iterations,
         batch_size=settings.batch_size, crop_size=settings.crop_size, learning_rate=learning_rate,
@@ -317,16 +325,24 @@ def finetune(
                     # Iteration 0 is the base model: when no checkpoint beat it, its weights are kept.
                     weights = state if best_iteration == 0 else load_state(Path(run_dir) / "best.safetensors")[0]
                     loaded.network.load_state_dict(weights)
-        calibration = None
+        calibration = thresholds = None
         if settings.resolve_calibrate(layers) and not predicts_instances(loaded):
             loaded.network.eval()
             calibration = calibrate_thresholds(loaded, [s.image for s in train_samples],
                                                [s.labels for s in train_samples], masks=train_masks, cancel=cancel)
-            config = config_replace(config, interior_threshold=calibration.interior_threshold,
-                                    foreground_threshold=calibration.foreground_threshold)
-            loaded = LoadedModel(loaded.network, config, device)
-            if val and calibration.changed:
-                after = evaluate(loaded, val)
+            chosen = calibration.changed
+            if chosen:
+                tuned = config_replace(config, interior_threshold=calibration.interior_threshold,
+                                       foreground_threshold=calibration.foreground_threshold)
+                if val:  # the user's held-back images decide, as they do for the weights
+                    reference = after if after is not None else before
+                    scored = evaluate(LoadedModel(loaded.network, tuned, device), val)
+                    chosen = scored["object_f1"] >= reference["object_f1"]
+                    after = scored if chosen else reference
+                if chosen:
+                    config = tuned
+            thresholds = {"interior_threshold": config.interior_threshold,
+                          "foreground_threshold": config.foreground_threshold, "chosen": chosen}
         if layers == "none" and val and after is None:
             after = before  # the base weights with the base thresholds
         if _should_stop(cancel):
@@ -348,8 +364,7 @@ def finetune(
             "device": str(device),
             "wall_seconds": round(wall, 1),
             "calibration": None if calibration is None else {
-                "interior_threshold": calibration.interior_threshold,
-                "foreground_threshold": calibration.foreground_threshold,
+                **thresholds, "best_on_train_images": [calibration.interior_threshold, calibration.foreground_threshold],
                 "on_train_images_before": calibration.before, "on_train_images_after": calibration.after},
             "validation_before": _rounded(before),
             "validation": _rounded(after),
@@ -364,7 +379,7 @@ def finetune(
             torch.cuda.empty_cache()
     return FinetuneResult(entry, history, before, after, [s.name for s in train_samples], [s.name for s in val],
                           time.perf_counter() - started, best_iteration,
-                          any(e.get("stopped_early") for e in history), layers, learning_rate)
+                          any(e.get("stopped_early") for e in history), layers, learning_rate, thresholds)
 
 
 def count_objects(samples: Sequence[Sample], masks: Sequence[np.ndarray] | None = None) -> int:
@@ -380,7 +395,8 @@ def _best_validation(history: list[dict], before: dict) -> tuple[int, dict]:
     """Iteration and metrics of the best validation (highest object F1; the earliest on ties).
 
     The base model (iteration 0) competes too: a fine-tune that never beats it on the user's
-    held-back images keeps the base weights, so the result is never worse there. Among the
+    held-back images keeps the base weights, so the result is never worse there (thresholds
+    chosen afterwards are kept only when they do not lower that score either). Among the
     checkpoints the rule is training's ``best.safetensors`` one, so the metrics match the weights.
     """
     scored = [{"iteration": 0, **before}] + [e for e in history if e["iteration"] > 0 and "object_f1" in e]
@@ -409,6 +425,16 @@ def format_before_after(result: FinetuneResult) -> str:
         kept += ", stopped early"
     return (f"On {len(result.val_names)} held-back image(s), base -> fine-tuned: {numbers}"
             + (f" ({kept})" if kept else ""))
+
+
+def format_thresholds(result: FinetuneResult) -> str:
+    """One line on the watershed thresholds calibration chose ("" when it did not run)."""
+    t = result.thresholds
+    if not t:
+        return ""
+    pair = f"seed {t['interior_threshold']:g}, foreground {t['foreground_threshold']:g}"
+    return (f"Thresholds chosen on the corrected images: {pair}" if t["chosen"]
+            else f"Thresholds kept ({pair}): none scored better on the corrected images or the held-back ones")
 
 
 def _rounded(metrics: dict | None) -> dict | None:

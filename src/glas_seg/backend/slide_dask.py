@@ -98,7 +98,7 @@ def segment_window_task(options, job):
     # a worker's threads.
     with open_slide(job.slide) as reader:
         result = segment_window(model, reader, job)
-    release_memory()  # as the in-process run does after each chunk: a worker lives for many windows
+    release_memory()  # as the in-process run does after each window: a worker lives for many windows
     return result
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import GlasSegError
-from .slide_segment import MANIFEST, open_labels
+from .slide_segment import MANIFEST, _write_manifest, open_labels
 from .stacks import fingerprint
 
 __all__ = ["MAX_EDIT_PIXELS", "RegionWrite", "clip_box", "labels_digest", "read_labels_region",
@@ -154,7 +154,8 @@ def write_labels_region(store: str | Path, box, labels: np.ndarray, *, base=None
     Notes
     -----
     Level 0 is written in one assignment of the box, then the display levels over the box, then
-    the manifest (atomically, last). ``manifest["complete"]`` is kept as it was.
+    the manifest (atomically, last). A store whose segmentation has not finished
+    (``manifest["complete"]`` false) is refused: the running segmentation would overwrite the table.
     """
     import zarr
 
@@ -180,6 +181,10 @@ def write_labels_region(store: str | Path, box, labels: np.ndarray, *, base=None
                                    "a new segmentation wrote there); nothing was written: open the region again and "
                                    "redo the edit")
         manifest = json.loads((store / MANIFEST).read_text())
+        if not manifest.get("complete", False):
+            # segment_slide keeps its own table and next id in memory and would overwrite ours.
+            raise GlasSegError("this slide's segmentation has not finished (it is running, or was interrupted): "
+                               "let it finish or resume it, then edit; nothing was written")
         objects = {int(k): v for k, v in manifest.get("objects", {}).items()}
         next_id = int(manifest.get("next_id", 1))
 
@@ -201,22 +206,13 @@ def write_labels_region(store: str | Path, box, labels: np.ndarray, *, base=None
         if not changed:
             return RegionWrite(0, {}, [], current)
 
-        level0[y0:y1, x0:x1] = new
-        levels = int(group.attrs.get("levels", 1))
-        for k in range(1, levels):  # level k is level 0 taken every 2**k pixels
-            if str(k) not in group:
-                break
-            step = 2**k
-            r0, r1 = -(-y0 // step), -(-y1 // step)
-            c0, c1 = -(-x0 // step), -(-x1 // step)
-            if r1 > r0 and c1 > c0:
-                group[str(k)][r0:r1, c0:c1] = new[r0 * step - y0 :: step, c0 * step - x0 :: step][: r1 - r0, : c1 - c0]
-
+        # The table first (it reads level 0 only outside the box), then the arrays, the manifest
+        # last: an error in the bookkeeping leaves the store as it was.
         after_ids, after_counts = _id_counts(new)
         inside_before = dict(zip(before_ids.tolist(), before_counts.tolist()))
         inside_after = dict(zip(after_ids.tolist(), after_counts.tolist()))
         touched = sorted((set(inside_before) | set(inside_after)) - {0})
-        boxes = ndi.find_objects(new) if after_ids.size > 1 else []
+        boxes = ndi.find_objects(new) if after_ids.size and after_ids[-1] > 0 else []
         removed = []
         for index in touched:
             entry = objects.get(index)
@@ -243,6 +239,16 @@ def write_labels_region(store: str | Path, box, labels: np.ndarray, *, base=None
             if entry is None:
                 entry = objects[index] = {"area": 0, "box": None, "p": [0.0, 0]}
             entry["area"], entry["box"] = int(area), [int(v) for v in merged]
+        level0[y0:y1, x0:x1] = new
+        levels = int(group.attrs.get("levels", 1))
+        for k in range(1, levels):  # level k is level 0 taken every 2**k pixels
+            if str(k) not in group:
+                break
+            step = 2**k
+            r0, r1 = -(-y0 // step), -(-y1 // step)
+            c0, c1 = -(-x0 // step), -(-x1 // step)
+            if r1 > r0 and c1 > c0:
+                group[str(k)][r0:r1, c0:c1] = new[r0 * step - y0 :: step, c0 * step - x0 :: step][: r1 - r0, : c1 - c0]
         manifest.update(next_id=next_id, objects={str(k): v for k, v in sorted(objects.items())})
         _write_manifest(store, manifest)
         return RegionWrite(changed, renamed, removed, new)
@@ -278,9 +284,4 @@ def _outside_part(level0, index: int, box, region) -> tuple[int, list | None]:
     rows, cols = np.nonzero(window.any(1))[0], np.nonzero(window.any(0))[0]
     return area, [by0 + int(rows[0]), bx0 + int(cols[0]), by0 + int(rows[-1]) + 1, bx0 + int(cols[-1]) + 1]
 
-
-def _write_manifest(store: Path, manifest: dict) -> None:
-    from .checkpoint import atomic_write
-
-    atomic_write(store / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest)))
 

@@ -471,6 +471,7 @@ def segment_slide(
         settings = {"slide": str(Path(reader.path).resolve()), "size": list(reader.shape), "model": model.config.name,
                     "weights": model.config.to_json(), "mpp": slide_mpp, "region": [oy, ox, H, W],
                     "level": level, "core": core, "margin": margin, "min_size": min_size, "mask_glass": mask_glass,
+                    "window_step": WINDOW_STEP,
                     "predict": {k: predict_kwargs[k] for k in sorted(predict_kwargs) if k not in ("progress", "cancel")}}
         fingerprint = _fingerprint(settings)
 

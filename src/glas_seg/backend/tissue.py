@@ -116,11 +116,15 @@ def fill_glass(rgb: np.ndarray, glass: np.ndarray, *, out: np.ndarray | None = N
 
     Returns
     -------
-    ndarray, shape and dtype of ``rgb`` (``out``; ``rgb`` itself when there is no glass or no tissue)
+    ndarray, shape and dtype of ``rgb`` (``out`` when given; else ``rgb`` itself when there is no glass
+    or no tissue, a copy otherwise)
     """
     if glass.shape != rgb.shape[:2]:
         raise ValueError(f"glass mask {glass.shape} and image {rgb.shape[:2]} differ in shape")
     if not glass.any() or glass.all():
+        if out is not None and out is not rgb:
+            out[...] = rgb
+            return out
         return rgb
     near_y, near_x = ndi.distance_transform_edt(glass, return_distances=False, return_indices=True)
     if out is None:
