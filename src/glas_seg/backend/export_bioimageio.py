@@ -186,13 +186,13 @@ original image gives the same instances at full resolution. All settings are in
 
 ## Validation
 
-Recorded in the model file when it was trained ({"validation images of the patient-wise split of the training data" if validation else "none"}):
+Recorded in the model file when it was trained or fine-tuned ({"its own held-back validation images" if validation else "none"}):
 {scores}. Object F1 is the GlaS challenge's detection F1 (glas-seg docs/metrics.md); these are
 not test-set numbers. To validate on your own data: run `glas-seg evaluate` on label maps from
 `glas-seg segment`, or compare instances from the steps above with your annotations.
 
 The test input is a {side} x {side} crop (working resolution) of GlaS training image `train_12`
-(a validation image of the bundled gland models), and the test output is this package's
+(the sample image glas-seg ships), and the test output is this package's
 TorchScript weights' output on it; glas-seg checked the exported weights against its own
 PyTorch model (within 1e-4 TorchScript, 1e-3 ONNX).
 
