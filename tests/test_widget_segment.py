@@ -197,3 +197,19 @@ def test_mask_rcnn_model_segments_and_turns_flips_off(widget, qtbot):
     assert "glas_train_12 gland probability" in viewer.layers
     w.model.value = "unet-glands"
     assert w.tta.enabled
+
+
+def test_task_panel_status_gives_progress_elapsed_and_time_left(qtbot):
+    """Long work (a slide's chunks, a batch of planes) says how far it is and how long is left."""
+    import time
+
+    from glas_seg._background import TaskPanel
+
+    panel = TaskPanel("Segment")
+    panel._status_text, panel._started = "Segmenting slide...", time.perf_counter() - 10
+    panel._on_progress(2, 10)  # 5 s per chunk so far, 8 to go
+    assert panel.status.value.startswith("Segmenting slide... 2 / 10, 0:10 elapsed, about 0:40 left")
+    quiet = TaskPanel("Fine-tune", show_time_left=False)  # the widget shows its own timing
+    quiet.status.value = "Fine-tuning..."
+    quiet._on_progress(2, 10)
+    assert quiet.status.value == "Fine-tuning..."

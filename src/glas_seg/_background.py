@@ -28,6 +28,7 @@ def _keep_triton_out() -> None:
 _keep_triton_out()
 
 import threading  # noqa: E402  (imports after the Triton guard on purpose)
+import time  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 from napari.qt.threading import create_worker  # noqa: E402
@@ -124,6 +125,13 @@ class BackgroundTask(QObject):
         self.finished.emit("failed")
 
 
+def format_duration(seconds: float) -> str:
+    """``m:ss`` (or ``h:mm:ss``) for a number of seconds."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
 class TaskPanel:
     """Run and Cancel buttons, a progress bar and a status line bound to one :class:`BackgroundTask`.
 
@@ -132,7 +140,8 @@ class TaskPanel:
     way and reports how it ended.
     """
 
-    def __init__(self, run_text: str, cancelled_text: str = "Cancelled; no layer was changed.") -> None:
+    def __init__(self, run_text: str, cancelled_text: str = "Cancelled; no layer was changed.",
+                 show_time_left: bool = True) -> None:
         from magicgui.widgets import Label, ProgressBar, PushButton
 
         from ._dock import wrap_text
@@ -144,6 +153,10 @@ class TaskPanel:
         self.status = Label(value="")
         wrap_text(self.status)
         self.cancelled_text = cancelled_text
+        # The status line then also gives "done / total, elapsed, about ... left" (off where the
+        # widget shows its own timing, as Fine-tune does).
+        self.show_time_left = show_time_left
+        self._status_text, self._started = "", 0.0
         self.cancel_button.changed.connect(self.task.cancel)
         self.task.progressed.connect(self._on_progress)
         self.task.finished.connect(self._on_finished)
@@ -157,12 +170,18 @@ class TaskPanel:
         self.cancel_button.enabled = True
         self.progress.value = 0
         self.progress.visible = True
-        self.status.value = status
+        self.status.value = self._status_text = status
+        self._started = time.perf_counter()
         self.task.start(fn, on_result, description)
 
     def _on_progress(self, done: int, total: int) -> None:
         self.progress.max = max(total, 1)
         self.progress.value = done
+        if self.show_time_left and 0 < done < total:
+            elapsed = time.perf_counter() - self._started
+            left = elapsed / done * (total - done)  # the rate so far
+            self.status.value = (f"{self._status_text} {done} / {total}, {format_duration(elapsed)} elapsed, "
+                                 f"about {format_duration(left)} left")
 
     def _on_finished(self, status: str) -> None:
         self.run_button.enabled = True

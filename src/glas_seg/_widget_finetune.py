@@ -19,7 +19,7 @@ from napari.layers import Image, Labels, Shapes
 from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import QObject, Signal
 
-from ._background import TaskPanel
+from ._background import TaskPanel, format_duration
 from ._dock import dock_as_tab, raise_tab, style_figure
 from ._layers import ERROR_ROLES, PROBABILITY, fits
 from .backend import model_store
@@ -97,13 +97,6 @@ def shape_regions(shapes: Shapes, labels: Labels) -> list[np.ndarray]:
     return regions
 
 
-def format_duration(seconds: float) -> str:
-    """``m:ss`` (or ``h:mm:ss``) for a number of seconds."""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 def _plane_data(layer) -> np.ndarray:
     data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
     return np.array(data, copy=True)  # a snapshot: the user may keep editing while training runs
@@ -115,7 +108,8 @@ class FinetuneWidget(Container):
     def __init__(self, napari_viewer: "napari.Viewer") -> None:
         super().__init__(labels=True)
         self.viewer = napari_viewer
-        self.panel = TaskPanel("Fine-tune", "Cancelled: no model was saved and the base model is unchanged.")
+        self.panel = TaskPanel("Fine-tune", "Cancelled: no model was saved and the base model is unchanged.",
+                               show_time_left=False)  # its own timing line counts iterations
         self.task, self.run_button, self.cancel_button = self.panel.task, self.panel.run_button, self.panel.cancel_button
         self.progress, self.status = self.panel.progress, self.panel.status
         self.relay = _Relay(self.native)  # dies with the widget's Qt objects
