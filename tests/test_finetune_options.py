@@ -171,8 +171,10 @@ def test_early_stopping_keeps_the_best_checkpoint(base, monkeypatch):
     assert result.entry.config.training["best_iteration"] == 2
 
 
-def test_without_patience_all_iterations_run_and_the_best_is_kept(base, monkeypatch):
-    scores = iter([0.5, 0.9, 0.2, 0.3])
+def script_validation(monkeypatch, values) -> None:
+    """Validation scores (object F1 and the rest) come from ``values`` in order: before training, then one per
+    validation."""
+    scores = iter(values)
 
     def fake_evaluate(model, samples):
         f1 = next(scores)
@@ -180,6 +182,10 @@ def test_without_patience_all_iterations_run_and_the_best_is_kept(base, monkeypa
 
     monkeypatch.setattr(training, "evaluate", fake_evaluate)
     monkeypatch.setattr(finetune_module, "evaluate", fake_evaluate)
+
+
+def test_without_patience_all_iterations_run_and_the_best_is_kept(base, monkeypatch):
+    script_validation(monkeypatch, [0.5, 0.9, 0.2, 0.3])
     result = finetune(str(base), [sample("a", 0), sample("b", 1)], "patient",
                       FinetuneSettings(**FAST, val_fraction=0.5, patience=0))
     assert result.history[-1]["iteration"] == 3 and not result.stopped_early
@@ -189,14 +195,7 @@ def test_without_patience_all_iterations_run_and_the_best_is_kept(base, monkeypa
 def test_when_no_checkpoint_beats_the_base_its_weights_are_kept(base, monkeypatch):
     from glas_seg.backend.finetune import format_before_after
 
-    scores = iter([0.8, 0.5, 0.6, 0.7])
-
-    def fake_evaluate(model, samples):
-        f1 = next(scores)
-        return {"pixel_dice": f1, "object_f1": f1, "object_f1_pooled": f1, "object_dice": f1, "object_hausdorff": 1.0}
-
-    monkeypatch.setattr(training, "evaluate", fake_evaluate)
-    monkeypatch.setattr(finetune_module, "evaluate", fake_evaluate)
+    script_validation(monkeypatch, [0.8, 0.5, 0.6, 0.7])
     result = finetune(str(base), [sample("a", 0), sample("b", 1)], "kept-base",
                       FinetuneSettings(**FAST, val_fraction=0.5, patience=0))
     assert result.best_iteration == 0 and result.after == result.before
