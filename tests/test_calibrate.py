@@ -104,7 +104,7 @@ def test_threshold_settings_and_model_files_are_checked():
 def _fake_calibration(model, images, labels, **kwargs):
     from glas_seg.backend.calibrate import Calibration
 
-    return Calibration(0.4, 0.6, {"object_f1": 0.5, "object_dice": 0.5, "score": 1.0},
+    return Calibration(0.4, 0.6, 400, {"object_f1": 0.5, "object_dice": 0.5, "score": 1.0},
                        {"object_f1": 0.7, "object_dice": 0.6, "score": 1.3})
 
 
@@ -140,3 +140,43 @@ def test_detection_models_have_no_thresholds_to_choose(glas_crops):
     with pytest.raises(GlasSegError, match="detects objects directly"):
         finetune("maskrcnn-glands", [Sample("a", images[0], labels[0])], "mrcnn-thr",
                  FinetuneSettings(layers="none", device="cpu"))
+
+
+def test_smallest_object_size_is_searched_and_reproduced_by_segment(glas_crops):
+    """min_sizes adds the smallest object kept to the search; segment() with the chosen size in the
+    model's configuration scores what calibration reported."""
+    from glas_seg.backend.calibrate import min_size_grid
+
+    images, labels = glas_crops
+    model = load_model("unet-glands", "cpu")
+    sizes = min_size_grid(model.config.min_size)
+    assert sizes == (400, 800, 1200, 1600, 2000, 2400, 3000)
+    result = calibrate_thresholds(model, images, labels, grid=(), min_sizes=sizes)
+    assert sorted(row["min_size"] for row in result.table) == list(sizes)
+    assert {(row["interior_threshold"], row["foreground_threshold"]) for row in result.table} == {(0.5, 0.5)}
+    assert result.before["score"] == pytest.approx(_score(model, images, labels), abs=2e-4)
+    by_size = {row["min_size"]: row["score"] for row in result.table}
+    assert by_size[3000] != by_size[400]  # the size matters on these images, so the choice is a real one
+    tuned = LoadedModel(model.network, config_replace(model.config, min_size=result.min_size), model.device)
+    assert _score(tuned, images, labels) == pytest.approx(result.after["score"], abs=2e-4)
+    assert result.after["score"] == max(by_size.values())
+
+
+def test_training_chooses_the_smallest_object_on_its_own_training_images(glas_crops):
+    """The step `glas-seg train --choose-min-size` runs at every validation: the size that scores
+    best on the training images, as segment() then scores it."""
+    from glas_seg.backend.data import Sample
+    from glas_seg.backend.training import choose_min_size
+
+    images, labels = glas_crops
+    samples = [Sample(f"crop{i}", image, label) for i, (image, label) in enumerate(zip(images, labels))]
+    model = load_model("unet-glands", "cpu")
+    with pytest.raises(GlasSegError, match="needs the training images"):
+        choose_min_size(model, [])
+    choice = choose_min_size(model, samples)
+    assert [row["min_size"] for row in choice["table"]] == [400, 800, 1200, 1600, 2000, 2400, 3000]
+    assert choice["before"]["min_size"] == 400 and choice["after"]["score"] >= choice["before"]["score"]
+    tuned = LoadedModel(model.network, config_replace(model.config, min_size=choice["min_size"]), model.device)
+    assert _score(tuned, images, labels) == pytest.approx(choice["after"]["score"], abs=2e-4)
+    with pytest.raises(GlasSegError, match="detect objects directly"):
+        choose_min_size(load_model("maskrcnn-glands", "cpu"), samples)

@@ -77,3 +77,36 @@ def test_train_mask_rcnn_on_a_pairs_folder_then_segment(tmp_path, capsys):
     assert code == 2 and "--tta does not apply to mask_rcnn" in capsys.readouterr().err
     assert main(["segment", str(tmp_path / "img0.png"), "--out", str(tmp_path / "o"), "--model", str(model_file)]) == 0
     assert tifffile.imread(tmp_path / "o" / "img0_labels.tif").shape == (96, 96)
+
+
+def test_train_can_choose_the_smallest_object_on_its_training_images(tmp_path, capsys):
+    """`train --choose-min-size` validates with the size chosen on the training images and writes it
+    into the exported model; detection models refuse the option before training."""
+    from glas_seg.backend.registry import load_model
+
+    yy, xx = np.mgrid[:96, :96]
+    for k in range(4):
+        labels = np.zeros((96, 96), np.uint16)
+        for i, (cy, cx, r) in enumerate([(25, 25, 12), (30, 70, 10), (70, 45, 14)], start=1):
+            labels[(yy - cy - 3 * k) ** 2 + (xx - cx) ** 2 <= r * r] = i
+        image = np.where(labels[..., None] > 0, 200, 60).astype(np.uint8).repeat(3, axis=2)
+        skio.imsave(tmp_path / f"img{k}.png", image, check_contrast=False)
+        tifffile.imwrite(tmp_path / f"img{k}_label.tif", labels)
+    common = ["--data", str(tmp_path), "--task", "nuclei", "--scale", "1", "--iterations", "2", "--eval-every", "2",
+              "--batch-size", "2", "--crop-size", "64", "--min-size", "10", "--tile-size", "64", "--device", "cpu",
+              "--choose-min-size"]
+    code = main(["train", "--out", str(tmp_path / "det"), "--model", "mask_rcnn", *common])
+    assert code == 2 and "no watershed size to choose" in capsys.readouterr().err
+    assert not (tmp_path / "det").exists()
+    model_file = tmp_path / "m.safetensors"
+    assert main(["train", "--out", str(tmp_path / "run"), "--model", "unet", "--arch-kwargs", '{"width": 4, "depth": 2}',
+                 "--name", "m", *common, "--export", str(model_file)]) == 0
+    assert "chosen on the 3 training images" in capsys.readouterr().err
+    config = load_model(model_file, "cpu").config
+    choice = config.training["min_size_choice"]
+    assert config.min_size == choice["min_size"] and choice["min_size"] in {row["min_size"] for row in choice["table"]}
+    assert [row["min_size"] for row in choice["table"]] == [10, 20, 30, 40, 50, 60, 75]
+    # Validated with the chosen size: the recorded validation is that of the model as it segments.
+    import json
+    history = json.loads((tmp_path / "run" / "state.json").read_text())["state"]["history"]
+    assert history[-1]["min_size"] == choice["min_size"]

@@ -5,6 +5,8 @@ from skimage import io as skio
 
 from glas_seg.backend.augment import Augmenter, fixed_hed_shift
 from glas_seg.backend.data import PatchDataset, Sample, find_pairs, glas_split, patient_split, read_patients
+from glas_seg.backend.errors import GlasSegError
+from glas_seg.backend.training import TrainSettings
 
 
 def test_patient_split_never_shares_a_patient():
@@ -153,3 +155,19 @@ def test_glass_edges_are_flat_bright_background(touching_squares):
     for _, (x, y) in zip(range(4), ds):
         glassy = (x * 0.25 + 0.5).min(0).values > 0.8  # pixels the glass replaced
         assert glassy.any() and (y[glassy] == 0).all()
+
+
+def test_filled_glass_edges_show_mirrored_tissue_and_are_not_scored(touching_squares):
+    """glass_fill: the glass of a glass-edge crop is filled as segment(mask_glass=True) fills it
+    (mirrored tissue), and those pixels are ignored (-1) in the target; the tissue is scored as before."""
+    image = np.random.default_rng(0).uniform(0.2, 0.6, (64, 64, 3)).astype(np.float32)
+    ds = PatchDataset([Sample("a", image, touching_squares)], 64, (0.5,) * 3, (0.25,) * 3, augment=False,
+                      glass=1.0, glass_fill=1.0, contour_mode="inner")
+    for _, (x, y) in zip(range(6), ds):
+        rgb = x * 0.25 + 0.5
+        assert rgb.max() < 0.61  # no flat glass left: every pixel shows (mirrored) tissue
+        ignored = y == -1
+        assert ignored.any() and not ignored.all()
+        assert set(torch.unique(y[~ignored]).tolist()) <= {0, 1, 2}
+    with pytest.raises(GlasSegError, match="glass fill share"):
+        TrainSettings(glass_fill=1.5)

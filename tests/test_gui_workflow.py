@@ -229,7 +229,7 @@ def test_segment_status_follows_edits_of_the_result(make_napari_viewer, qtbot):
     viewer.layers.selection.active = result
     edit.selection.value = ", ".join(str(i) for i in np.unique(result.data)[1:3])
     edit.delete_selected()
-    qtbot.waitUntil(lambda: f"{count - 2} glands" in segment.status.value, timeout=5000)
+    qtbot.waitUntil(lambda: f": {count - 2} glands" in segment.status.value, timeout=5000)
     assert f"({count} when segmented)" in segment.status.value
     result.undo()
     qtbot.waitUntil(lambda: segment.status.value == f"glas_train_12 glands: {count} glands", timeout=5000)

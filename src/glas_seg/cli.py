@@ -138,6 +138,7 @@ def _label_targets(images: list[str]) -> list[tuple[Path, str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .backend.errors import GlasSegError
     from .backend.checkpoint import ModelConfig, save_model
     from .backend.data import dataset_split, load_sample
     from .backend.models import get_architecture
@@ -152,7 +153,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Every option is checked before the data is read: a bad value fails in a second, not after loading.
     settings = TrainSettings(iterations=args.iterations, eval_every=args.eval_every, batch_size=args.batch_size,
                              crop_size=args.crop_size, learning_rate=args.lr, optimizer=args.optimizer,
-                             seed=args.seed, device=args.device, glass=args.glass, pretrained=not args.no_pretrained)
+                             seed=args.seed, device=args.device, glass=args.glass, glass_fill=args.glass_fill,
+                             choose_min_size=args.choose_min_size,
+                             pretrained=not args.no_pretrained)
     pick_device(args.device)
     config = ModelConfig(
         name=args.name, architecture=args.model, arch_kwargs=_json_object(args.arch_kwargs, "--arch-kwargs"),
@@ -161,6 +164,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     check_config(config, "train options")
     expected_weights(config)  # the builder accepts --arch-kwargs (names and values)
+    if args.choose_min_size and architecture.predicts_instances:
+        raise GlasSegError(f"--choose-min-size: {args.model} models detect objects directly, there is no "
+                           "watershed size to choose; leave the option out")
     output_folder(args.out, "--out")
     if args.export:
         output_file(args.export, "--export")
@@ -182,6 +188,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not main_process:
         return 0
     best = Path(args.out) / "best.safetensors"
+    if args.choose_min_size:
+        from .backend.checkpoint import load_state
+
+        choice = load_state(best)[1].training.get("min_size_choice")
+        if choice:
+            print(f"best model: smallest object {choice['min_size']} px, chosen on the {choice['chosen_on']} "
+                  f"(object F1 + Dice {choice['before']['score']:.3f} at {choice['before']['min_size']} px, "
+                  f"{choice['after']['score']:.3f} chosen)", file=sys.stderr)
     if args.export:
         from .backend.checkpoint import load_state
         from .backend.registry import build_network
@@ -385,11 +399,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--optimizer", default="adamw", choices=["adamw", "amsgrad"])
     tr.add_argument("--min-size", type=int, default=400, help="default smallest object for this model, image pixels")
+    tr.add_argument("--choose-min-size", action="store_true",
+                    help="at every validation, first choose the smallest object kept (--min-size x 1 to 7.5) on "
+                         "the training images, then validate with it (needs validation images)")
     tr.add_argument("--tile-size", type=int, default=384, help="default inference tile side for this model, network pixels")
     tr.add_argument("--targets", default="outer", choices=["outer", "inner"],
                     help="boundary class outside every object (older models) or inside it (foreground = objects)")
     tr.add_argument("--glass", type=float, default=0.0,
                     help="share of training crops given a tissue edge next to blank glass (0-1)")
+    tr.add_argument("--glass-fill", type=float, default=0.0,
+                    help="share of those crops whose glass is filled with mirrored tissue, as segmentation "
+                         "shows glass to the network (0-1; the filled pixels are not scored)")
     tr.add_argument("--no-pretrained", action="store_true",
                     help="start from random weights even where the architecture has ImageNet weights")
     tr.add_argument("--val-fraction", type=float, default=0.2)

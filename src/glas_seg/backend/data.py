@@ -12,6 +12,7 @@ from scipy import ndimage as ndi
 from skimage.transform import rescale
 
 from .augment import Augmenter, glass_edge
+from .tissue import fill_glass
 from .errors import GlasSegError
 from .image_io import IMAGE_SUFFIXES, natural_key, read_image, read_labels, to_float_rgb
 from .labelmaps import label_files, label_stem
@@ -186,6 +187,11 @@ class PatchDataset(torch.utils.data.IterableDataset):
     glass : float in [0, 1]
         Probability that a crop gets a tissue edge with blank glass beyond it
         (:func:`.augment.glass_edge`); glass is known background in the target.
+    glass_fill : float in [0, 1]
+        Share of those crops whose glass is then filled with the tissue mirrored across the
+        edge (:func:`.tissue.fill_glass`), as ``segment(mask_glass=True)`` shows glass to the
+        network; the filled pixels are not scored (segmentation clears them), so the network
+        learns to segment the tissue next to a mirrored edge, not what to call the mirror.
 
     Yields
     ------
@@ -196,7 +202,7 @@ class PatchDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, samples: list[Sample], crop_size: int, mean, std, augment: bool = True, seed: int = 0,
                  valid_masks: list[np.ndarray] | None = None, targets: str = "contours",
-                 contour_mode: str = "outer", glass: float = 0.0) -> None:
+                 contour_mode: str = "outer", glass: float = 0.0, glass_fill: float = 0.0) -> None:
         if not samples:
             raise ValueError("No training samples")
         if targets not in ("contours", "instances"):
@@ -204,6 +210,7 @@ class PatchDataset(torch.utils.data.IterableDataset):
         self.targets = targets
         self.contour_mode = contour_mode
         self.glass = glass
+        self.glass_fill = glass_fill
         self.samples = samples
         self.valid_masks = valid_masks
         self.augmenter = Augmenter(crop_size, strength=float(augment), seed=seed)  # True = 1, or a strength
@@ -233,7 +240,11 @@ class PatchDataset(torch.utils.data.IterableDataset):
             image, shifted = self.augmenter(sample.image, shifted)
             if self.glass > 0 and self.rng.random() < self.glass:
                 image, on_glass = glass_edge(image, self.rng)
-                shifted = np.where(on_glass, 1, shifted)  # known background
+                if self.glass_fill > 0 and self.rng.random() < self.glass_fill:
+                    image = fill_glass(image, on_glass)
+                    shifted = np.where(on_glass, 0, shifted)  # not scored: cleared by segmentation
+                else:
+                    shifted = np.where(on_glass, 1, shifted)  # known background
             ignore = shifted == 0
             instances = np.maximum(shifted - 1, 0)
             target = (instances if self.targets == "instances" else contour_targets(instances, self.contour_mode)).astype(np.int64)

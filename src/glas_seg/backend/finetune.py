@@ -26,7 +26,7 @@ from . import model_store
 from .checkpoint import config_replace, load_state
 from .data import Sample, find_pairs, load_sample
 from .errors import GlasSegError
-from .calibrate import calibrate_thresholds
+from .calibrate import FINETUNE_MIN_SIZE_FACTORS, calibrate_thresholds, min_size_grid
 from .image_io import to_float_rgb
 from .inference import predicts_instances
 from .models import get_architecture
@@ -328,12 +328,15 @@ def finetune(
         calibration = thresholds = None
         if settings.resolve_calibrate(layers) and not predicts_instances(loaded):
             loaded.network.eval()
+            sizes = min_size_grid(config.min_size, FINETUNE_MIN_SIZE_FACTORS) if settings.calibrate_min_size else ()
             calibration = calibrate_thresholds(loaded, [s.image for s in train_samples],
-                                               [s.labels for s in train_samples], masks=train_masks, cancel=cancel)
+                                               [s.labels for s in train_samples], masks=train_masks,
+                                               min_sizes=sizes, cancel=cancel)
             chosen = calibration.changed
             if chosen:
                 tuned = config_replace(config, interior_threshold=calibration.interior_threshold,
-                                       foreground_threshold=calibration.foreground_threshold)
+                                       foreground_threshold=calibration.foreground_threshold,
+                                       min_size=calibration.min_size)
                 if val:  # the user's held-back images decide, as they do for the weights
                     reference = after if after is not None else before
                     scored = evaluate(LoadedModel(loaded.network, tuned, device), val)
@@ -342,7 +345,8 @@ def finetune(
                 if chosen:
                     config = tuned
             thresholds = {"interior_threshold": config.interior_threshold,
-                          "foreground_threshold": config.foreground_threshold, "chosen": chosen}
+                          "foreground_threshold": config.foreground_threshold, "min_size": config.min_size,
+                          "chosen": chosen}
         if layers == "none" and val and after is None:
             after = before  # the base weights with the base thresholds
         if _should_stop(cancel):
@@ -364,7 +368,8 @@ def finetune(
             "device": str(device),
             "wall_seconds": round(wall, 1),
             "calibration": None if calibration is None else {
-                **thresholds, "best_on_train_images": [calibration.interior_threshold, calibration.foreground_threshold],
+                **thresholds, "best_on_train_images": [calibration.interior_threshold, calibration.foreground_threshold,
+                                                      calibration.min_size],
                 "on_train_images_before": calibration.before, "on_train_images_after": calibration.after},
             "validation_before": _rounded(before),
             "validation": _rounded(after),
@@ -433,6 +438,8 @@ def format_thresholds(result: FinetuneResult) -> str:
     if not t:
         return ""
     pair = f"seed {t['interior_threshold']:g}, foreground {t['foreground_threshold']:g}"
+    if "min_size" in t:
+        pair += f", smallest object {t['min_size']} px"
     return (f"Thresholds chosen on the corrected images: {pair}" if t["chosen"]
             else f"Thresholds kept ({pair}): none scored better on the corrected images or the held-back ones")
 

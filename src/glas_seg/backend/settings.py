@@ -62,6 +62,9 @@ class FinetuneSettings:
         those fit the corrected images themselves and thresholds chosen on images the network
         fits do not carry over (measured in docs/finetuning.md: +0.022 object F1 on the gland
         cohort with the head, -0.012 on TNBC with every layer).
+    calibrate_min_size : bool
+        With ``calibrate``: also choose the smallest object kept, from a quarter to twice the
+        base model's own (:data:`.calibrate.FINETUNE_MIN_SIZE_FACTORS`).
     l2sp : float
         Pull towards the base model's weights (L2-SP, decoupled like AdamW's weight decay:
         ``w -= lr * l2sp * (w - w_base)`` per step); 0 turns it off.
@@ -96,6 +99,7 @@ class FinetuneSettings:
     patience: int = 3
     freeze_norm: bool = True
     calibrate: bool | None = None
+    calibrate_min_size: bool = False
     seed: int = 0
     device: str = "auto"
 

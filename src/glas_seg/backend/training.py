@@ -8,6 +8,7 @@ killed at any moment resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import math
@@ -54,6 +55,10 @@ class TrainSettings:
     device: str = "auto"
     freeze_norm: bool = False  # keep batch-norm statistics fixed (fine-tuning on a few images)
     glass: float = 0.0  # share of crops given a tissue edge next to blank glass (augment.glass_edge)
+    glass_fill: float = 0.0  # share of those whose glass is mirror-filled as segmentation does (unscored)
+    # At every validation, first choose the smallest object kept on the training images
+    # (choose_min_size), then validate with it: checkpoints are compared as they will segment.
+    choose_min_size: bool = False
     pretrained: bool = True  # start the encoder from ImageNet weights where the architecture has them
     # Fine-tuning (backend/trainable.py): which parameters train ("all", "decoder", "head"), decay
     # towards the starting weights instead of zero (L2-SP, 0 = off), augmentation strength (1 =
@@ -263,7 +268,8 @@ def train(
                            settings.augment_strength if settings.augment else 0.0,
                            seed=settings.seed + state.iteration, valid_masks=masks,
                            targets="instances" if predicts_instances else "contours",
-                           contour_mode=config.targets, glass=settings.glass)
+                           contour_mode=config.targets, glass=settings.glass,
+                           glass_fill=settings.glass_fill)
     if ddp is None:
         batches = iter(torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=0))
     else:  # this process's share of the global batch: the same batches whatever the number of processes
@@ -273,7 +279,7 @@ def train(
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     started = time.perf_counter() - state.wall_seconds
 
-    def checkpoint(metrics: dict | None) -> None:
+    def checkpoint(metrics: dict | None, best_config: ModelConfig) -> None:
         if ddp is not None and not ddp.is_main:  # rank 0 writes; the others only keep the score
             if metrics is not None:
                 state.best_object_f1 = max(state.best_object_f1, metrics["object_f1"])
@@ -286,7 +292,7 @@ def train(
         # Without validation data the latest weights are the best we know of.
         if metrics is None or metrics["object_f1"] > state.best_object_f1:
             state.best_object_f1 = metrics["object_f1"] if metrics else state.best_object_f1
-            record = replace_training(config, settings, state, len(train_samples), len(val_samples), best=metrics)
+            record = replace_training(best_config, settings, state, len(train_samples), len(val_samples), best=metrics)
             save_model(out_dir / "best.safetensors", network, record)
         atomic_write(state_file, lambda tmp: Path(tmp).write_text(json.dumps({"state": asdict(state), "settings": asdict(settings)}, indent=1)))
 
@@ -318,17 +324,22 @@ def train(
                  "lr": scheduler.get_last_lr()[0]}
         at_eval = state.iteration % settings.eval_every == 0 or state.iteration == settings.iterations
         if at_eval:
-            metrics = None
+            metrics, validated = None, config
             if val_samples:
                 network.eval()
-                metrics = evaluate(LoadedModel(network, config, device), val_samples)
+                if settings.choose_min_size:
+                    choice = choose_min_size(LoadedModel(network, config, device), train_samples, cancel=cancel)
+                    validated = dataclasses.replace(config, min_size=choice["min_size"],
+                                                    training={**config.training, "min_size_choice": choice})
+                    event["min_size"] = choice["min_size"]
+                metrics = evaluate(LoadedModel(network, validated, device), val_samples)
                 set_train_mode(network, settings.freeze_norm)
                 event.update(metrics)
                 stale = 0 if metrics["object_f1"] > state.best_object_f1 else stale + 1
                 if settings.patience and stale >= settings.patience and state.iteration < settings.iterations:
                     event["stopped_early"] = True
             state.history.append({k: v for k, v in event.items() if k != "total"})
-            checkpoint(metrics)
+            checkpoint(metrics, validated)
         if progress is not None:
             progress(event)
         if event.get("stopped_early"):
@@ -340,7 +351,6 @@ def train(
 def replace_training(config: ModelConfig, settings: TrainSettings, state: TrainState, n_train: int, n_val: int,
                      best: dict | None = None) -> ModelConfig:
     """Copy of ``config`` whose ``training`` record describes this run so far."""
-    import dataclasses
 
     record = dict(config.training)
     record.update({
@@ -355,3 +365,37 @@ def replace_training(config: ModelConfig, settings: TrainSettings, state: TrainS
     if best is not None:
         record["validation"] = {k: round(v, 4) for k, v in best.items()}
     return dataclasses.replace(config, training=record)
+
+
+def choose_min_size(model: LoadedModel, train_samples: list[Sample], *, progress=None, cancel=None) -> dict:
+    """Choose the smallest object a pixel classifier keeps, on its own training images.
+
+    Segments every training image once and keeps the size of :func:`.calibrate.min_size_grid`
+    (multiples of the configured size) with the best pooled object F1 + Dice
+    (:func:`.calibrate.calibrate_thresholds`; the watershed thresholds stay as configured:
+    chosen on training images they did not carry over to unseen ones, docs/models.md). The
+    validation images play no part, so validation stays an honest check of the choice.
+
+    Returns
+    -------
+    dict
+        ``min_size`` (chosen), ``chosen_on``, ``before`` / ``after`` (pooled scores at the
+        configured / chosen size on the training images) and ``table`` (every size tried).
+
+    Raises
+    ------
+    GlasSegError
+        No training images, or a detection model (no watershed).
+    """
+    from .calibrate import calibrate_thresholds, min_size_grid
+
+    if not train_samples:
+        raise GlasSegError("choosing the smallest object size needs the training images")
+    if get_architecture(model.config.architecture).predicts_instances:
+        raise GlasSegError(f"{model.config.architecture} models detect objects directly: there is no watershed size to choose")
+    size = model.config.min_size
+    result = calibrate_thresholds(model, [s.image for s in train_samples], [s.labels for s in train_samples],
+                                  grid=(), min_sizes=min_size_grid(size), progress=progress, cancel=cancel)
+    return {"min_size": result.min_size, "chosen_on": f"{len(train_samples)} training images",
+            "before": {"min_size": size, **result.before}, "after": result.after,
+            "table": [{k: row[k] for k in ("min_size", "object_f1", "object_dice")} for row in result.table]}

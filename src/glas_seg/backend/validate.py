@@ -94,6 +94,8 @@ def check_train_settings(settings) -> None:
     integer(settings.seed, "seed", 0)
     if hasattr(settings, "glass"):
         number(settings.glass, "glass share", 0, 1)
+    if hasattr(settings, "glass_fill"):
+        number(settings.glass_fill, "glass fill share", 0, 1)
     if hasattr(settings, "layers"):  # fine-tuning options (backend/trainable.py)
         from .settings import LAYER_CHOICES
 
