@@ -90,9 +90,9 @@ def test_thresholds_only_finetune_keeps_weights_and_base_file(glas_crops):
 def test_threshold_settings_and_model_files_are_checked():
     with pytest.raises(GlasSegError, match="changes nothing"):
         FinetuneSettings(layers="none", calibrate=False)
-    # "auto" (None): thresholds when only the head trains or nothing does, not with every layer.
+    # "auto" (None): thresholds only when no layer trains (docs/finetuning.md, the default gland model).
     auto = FinetuneSettings()
-    assert [auto.resolve_calibrate(layers) for layers in ("head", "none", "decoder", "all")] == [True, True, False, False]
+    assert [auto.resolve_calibrate(layers) for layers in ("head", "none", "decoder", "all")] == [False, True, False, False]
     assert FinetuneSettings(calibrate=False).resolve_calibrate("head") is False
     assert FinetuneSettings(calibrate=True).resolve_calibrate("all") is True
     config = load_model("unet-glands", "cpu").config

@@ -143,7 +143,7 @@ class FinetuneWidget(Container):
         self.calibrate = ComboBox(label="Thresholds from corrections", choices=["auto", "on", "off"], value="auto",
                                   tooltip="After training, pick the watershed's seed and foreground thresholds "
                                           "that segment your corrected images best (seconds; no forgetting). "
-                                          "auto: when only the head trains")
+                                          "auto: only with layers 'none' (docs/finetuning.md)")
         self.device = ComboBox(label="Device", choices=["auto", "cpu", "cuda", "mps"], value="auto")
         self.new_name = LineEdit(label="New model name", value="")
         self.advanced = CheckBox(text="Advanced options", value=False)

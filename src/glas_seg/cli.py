@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "objects, else head (default: %(default)s)")
     ft.add_argument("--calibrate", action=argparse.BooleanOptionalAction, default=ft_defaults.calibrate,
                     help="after training, choose the watershed thresholds that segment the corrected images best "
-                         "(default: when only the head trains, or with --layers none)")
+                         "(default: only with --layers none)")
     ft.add_argument("--l2sp", type=float, default=ft_defaults.l2sp,
                     help="pull towards the base model's weights (L2-SP; 0: off; default: %(default)s)")
     ft.add_argument("--update-norm-stats", action="store_true",

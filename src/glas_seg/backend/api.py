@@ -367,7 +367,7 @@ def finetune(
     calibrate : bool or None
         After training, choose the watershed's interior and foreground thresholds that
         segment the corrected images best (a few seconds per image; pixel classifiers only);
-        None: when only the head trains or ``layers="none"``.
+        None: only with ``layers="none"``.
     seed : int, default 0
     device : str, default ``"auto"``
     description : str
