@@ -162,7 +162,7 @@ def test_smallest_object_size_is_searched_and_reproduced_by_segment(glas_crops):
     assert result.after["score"] == max(by_size.values())
 
 
-def test_training_chooses_the_smallest_object_on_its_own_training_images(glas_crops):
+def test_training_chooses_the_smallest_object_on_its_own_training_images(glas_crops, tmp_path):
     """The step `glas-seg train --choose-min-size` runs at every validation: the size that scores
     best on the training images, as segment() then scores it."""
     from glas_seg.backend.data import Sample
@@ -180,3 +180,10 @@ def test_training_chooses_the_smallest_object_on_its_own_training_images(glas_cr
     assert _score(tuned, images, labels) == pytest.approx(choice["after"]["score"], abs=2e-4)
     with pytest.raises(GlasSegError, match="detect objects directly"):
         choose_min_size(load_model("maskrcnn-glands", "cpu"), samples)
+    # train() refuses the option for a detection model before it writes anything.
+    from glas_seg.backend.training import TrainSettings, train
+
+    detector = load_model("maskrcnn-glands", "cpu").config
+    with pytest.raises(GlasSegError, match="no watershed size"):
+        train(detector, TrainSettings(iterations=1, choose_min_size=True), samples, samples, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

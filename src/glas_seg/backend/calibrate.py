@@ -4,9 +4,10 @@ A pixel classifier's watershed (:func:`.postprocess.labels_from_probabilities`) 
 thresholds: the interior probability that seeds an object and the foreground probability that
 bounds it; a third, the smallest object kept (``min_size``), drops the small false glands a
 network leaves between real ones (on the GlaS validation images most false positives of the
-default model are under 2000 pixels, most real glands far larger: docs/models.md). Their best values move with the cohort: on malignant GlaS glands, which the bundled
-models under-segment, a lower seed threshold and a higher foreground threshold split fewer
-glands and fuse fewer neighbours (docs/finetuning.md). Choosing them on a user's corrected
+default model were under 2000 pixels, most real glands far larger: docs/models.md). Their best
+values move with the cohort: on malignant GlaS glands, which the bundled models under-segment,
+a lower seed threshold and a higher foreground threshold split fewer glands and fuse fewer
+neighbours (docs/finetuning.md). Choosing them on a user's corrected
 images costs one network pass per image (probabilities are computed once and post-processed
 for every pair of thresholds on a small grid), needs no training, and cannot make the network
 forget anything.
@@ -27,7 +28,8 @@ import numpy as np
 from .errors import GlasSegError
 from .progress import CancelToken, ProgressCallback, raise_if_cancelled
 
-__all__ = ["FINETUNE_MIN_SIZE_FACTORS", "MIN_SIZE_FACTORS", "THRESHOLD_GRID", "Calibration", "calibrate_thresholds", "min_size_grid"]
+__all__ = ["FINETUNE_MIN_SIZE_FACTORS", "MIN_SIZE_FACTORS", "THRESHOLD_GRID", "Calibration", "calibrate_thresholds",
+           "min_size_grid"]
 
 #: Values tried for each threshold (25 pairs).
 THRESHOLD_GRID = (0.3, 0.4, 0.5, 0.6, 0.7)

@@ -212,6 +212,8 @@ def train(
     state : TrainState
     """
     check_config(config)  # scale 0, wrong class names...: refused before anything is written
+    if settings.choose_min_size and get_architecture(config.architecture).predicts_instances:
+        raise GlasSegError(f"{config.architecture} models detect objects directly: there is no watershed size to choose")
     for sample in [*train_samples, *val_samples]:
         check_label_ids(sample.labels, sample.name)  # negative ids would make wrong targets silently
     out_dir = Path(out_dir)
@@ -351,7 +353,6 @@ def train(
 def replace_training(config: ModelConfig, settings: TrainSettings, state: TrainState, n_train: int, n_val: int,
                      best: dict | None = None) -> ModelConfig:
     """Copy of ``config`` whose ``training`` record describes this run so far."""
-
     record = dict(config.training)
     record.update({
         "iterations": state.iteration,
