@@ -138,12 +138,11 @@ def _label_targets(images: list[str]) -> list[tuple[Path, str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .backend.errors import GlasSegError
     from .backend.checkpoint import ModelConfig, save_model
     from .backend.data import dataset_split, load_sample
     from .backend.models import get_architecture
     from .backend.distributed import shutdown
-    from .backend.training import TrainSettings, train
+    from .backend.training import TrainSettings, check_min_size_choice, train
     from .backend.checkpoint import config_replace
     from .backend.model_schema import check_config, expected_weights
     from .backend.outputs import output_file, output_folder
@@ -164,9 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     check_config(config, "train options")
     expected_weights(config)  # the builder accepts --arch-kwargs (names and values)
-    if args.choose_min_size and architecture.predicts_instances:
-        raise GlasSegError(f"--choose-min-size: {args.model} models detect objects directly, there is no "
-                           "watershed size to choose; leave the option out")
+    check_min_size_choice(config, settings)
     output_folder(args.out, "--out")
     if args.export:
         output_file(args.export, "--export")

@@ -212,8 +212,7 @@ def train(
     state : TrainState
     """
     check_config(config)  # scale 0, wrong class names...: refused before anything is written
-    if settings.choose_min_size and get_architecture(config.architecture).predicts_instances:
-        raise GlasSegError(f"{config.architecture} models detect objects directly: there is no watershed size to choose")
+    check_min_size_choice(config, settings)
     for sample in [*train_samples, *val_samples]:
         check_label_ids(sample.labels, sample.name)  # negative ids would make wrong targets silently
     out_dir = Path(out_dir)
@@ -348,6 +347,13 @@ def train(
             break  # best.safetensors holds the best weights; the caller decides which to keep
     network.eval()
     return LoadedModel(network, config, device), state
+
+
+def check_min_size_choice(config: ModelConfig, settings: TrainSettings) -> None:
+    """GlasSegError when ``settings.choose_min_size`` asks a detection model for a watershed size."""
+    if settings.choose_min_size and get_architecture(config.architecture).predicts_instances:
+        raise GlasSegError(f"{config.architecture} models detect objects directly: there is no watershed size "
+                           "to choose; leave the smallest-object choice (--choose-min-size) out")
 
 
 def replace_training(config: ModelConfig, settings: TrainSettings, state: TrainState, n_train: int, n_val: int,
