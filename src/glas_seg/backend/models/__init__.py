@@ -84,7 +84,7 @@ _TABLE = (
                  # (x - 127) / 128 on 8-bit values, as the ImageNet weights were trained.
                  input_mean=(127 / 255,) * 3, input_std=(128 / 255,) * 3,
                  encoder_params=r"net\.encoder\.", head_params=r"net\.segmentation_head\.",
-                 paper="Ronneberger et al. 2015 decoder on Tan & Le, ICML 2019 (EfficientNet-Lite0) encoder"),
+                 paper="Ronneberger et al. 2015 decoder on Tan & Le, ICML 2019 (EfficientNet-Lite0 or -Lite2) encoder"),
 )
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in _TABLE}
@@ -112,12 +112,12 @@ def build_architecture(name: str, **kwargs):
     Raises
     ------
     GlasSegError
-        Unknown architecture, or keyword arguments the builder does not take.
+        Unknown architecture, or keyword arguments the builder does not take or refuses.
     """
     builder = _resolve(get_architecture(name).builder)
     try:
         return builder(**kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise GlasSegError(f"Bad arguments for architecture {name}: {exc}") from None
 
 
