@@ -81,7 +81,8 @@ def test_train_mask_rcnn_on_a_pairs_folder_then_segment(tmp_path, capsys):
 
 def test_train_can_choose_the_smallest_object_on_its_training_images(tmp_path, capsys):
     """`train --choose-min-size` validates with the size chosen on the training images and writes it
-    into the exported model; detection models refuse the option before training."""
+    into the exported model; detection models refuse the option before training. ``--gap-weight``
+    reaches the training settings; a bad ``--gap-radius`` is refused."""
     from glas_seg.backend.registry import load_model
 
     yy, xx = np.mgrid[:96, :96]
@@ -98,9 +99,11 @@ def test_train_can_choose_the_smallest_object_on_its_training_images(tmp_path, c
     code = main(["train", "--out", str(tmp_path / "det"), "--model", "mask_rcnn", *common])
     assert code == 2 and "no watershed size to choose" in capsys.readouterr().err
     assert not (tmp_path / "det").exists()
+    code = main(["train", "--out", str(tmp_path / "bad"), "--model", "unet", *common, "--gap-radius", "0"])
+    assert code == 2 and "gap radius" in capsys.readouterr().err
     model_file = tmp_path / "m.safetensors"
     assert main(["train", "--out", str(tmp_path / "run"), "--model", "unet", "--arch-kwargs", '{"width": 4, "depth": 2}',
-                 "--name", "m", *common, "--export", str(model_file)]) == 0
+                 "--name", "m", *common, "--gap-weight", "5", "--export", str(model_file)]) == 0
     assert "chosen on the 3 training images" in capsys.readouterr().err
     config = load_model(model_file, "cpu").config
     choice = config.training["min_size_choice"]
@@ -108,5 +111,6 @@ def test_train_can_choose_the_smallest_object_on_its_training_images(tmp_path, c
     assert [row["min_size"] for row in choice["table"]] == [10, 20, 30, 40, 50, 60, 75]
     # Validated with the chosen size: the recorded validation is that of the model as it segments.
     import json
-    history = json.loads((tmp_path / "run" / "state.json").read_text())["state"]["history"]
-    assert history[-1]["min_size"] == choice["min_size"]
+    run_state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert run_state["state"]["history"][-1]["min_size"] == choice["min_size"]
+    assert run_state["settings"]["gap_weight"] == 5  # --gap-weight reached the training settings

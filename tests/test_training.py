@@ -7,7 +7,8 @@ import torch
 from glas_seg.backend.checkpoint import ModelConfig, read_config
 from glas_seg.backend.data import Sample
 from glas_seg.backend.inference import Cancelled
-from glas_seg.backend.training import TrainSettings, contour_loss, train
+from glas_seg.backend.errors import GlasSegError
+from glas_seg.backend.training import TrainSettings, contour_loss, gap_mask, train
 
 
 def disk_sample(seed, size=96):
@@ -36,6 +37,43 @@ def test_loss_ignores_marked_pixels():
     changed_masked[:, :4] = -1
     assert torch.isclose(contour_loss(logits, masked, 3, 1), contour_loss(logits, changed_masked, 3, 1))
     assert not torch.isclose(contour_loss(logits, target, 3, 1), contour_loss(logits, changed, 3, 1))
+
+
+def two_squares(gap):
+    """Target map of two 10x10 objects side by side, ``gap`` background columns apart."""
+    target = torch.zeros(1, 20, 40, dtype=torch.int64)
+    target[0, 5:15, 5:15] = 1
+    target[0, 5:15, 15 + gap:25 + gap] = 1
+    return target
+
+
+def test_gap_mask_marks_narrow_gaps_between_objects_only():
+    narrow, wide = gap_mask(two_squares(4), radius=3), gap_mask(two_squares(10), radius=3)
+    assert narrow[0, 5:15, 15:19].all()  # the whole 4-pixel gap
+    assert narrow.sum() == 40  # and nothing else: no background around a convex object
+    assert not wide.any()  # 10 pixels: wider than 2 * radius
+    ignored = two_squares(4)
+    ignored[0, :, 15:19] = -1
+    assert not gap_mask(ignored, radius=3).any()  # ignored pixels are never weighted
+
+
+def test_gap_weight_weighs_filling_a_gap_and_nothing_else():
+    target = two_squares(4)
+    fused = torch.full((1, 3, 20, 40), -5.0)
+    fused[:, 0] = 5.0  # confident background everywhere...
+    fused[0, :, 5:15, 5:29] = torch.tensor([-5.0, 5.0, -5.0])[:, None, None]  # ...but one object over both
+    plain = contour_loss(fused, target, 3, 0)
+    weighted = contour_loss(fused, target, 3, 0, gap_weight=5, gap_radius=3)
+    assert weighted > 2 * plain  # the 40 gap pixels, all wrong, now weigh 6x
+    separate = two_squares(8)  # objects further apart than the gap: no gap pixels
+    logits = torch.randn(1, 3, 20, 40)
+    assert torch.isclose(contour_loss(logits, separate, 3, 1), contour_loss(logits, separate, 3, 1, gap_weight=5, gap_radius=3))
+
+
+@pytest.mark.parametrize("changes", [{"gap_weight": -1}, {"gap_radius": 0}, {"gap_radius": 2.5}])
+def test_bad_gap_settings_are_refused(changes):
+    with pytest.raises(GlasSegError, match="gap"):
+        TrainSettings(**changes)
 
 
 def test_short_training_lowers_loss_and_resumes(tmp_path):

@@ -153,8 +153,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(iterations=args.iterations, eval_every=args.eval_every, batch_size=args.batch_size,
                              crop_size=args.crop_size, learning_rate=args.lr, optimizer=args.optimizer,
                              seed=args.seed, device=args.device, glass=args.glass, glass_fill=args.glass_fill,
-                             choose_min_size=args.choose_min_size,
-                             pretrained=not args.no_pretrained)
+                             choose_min_size=args.choose_min_size, gap_weight=args.gap_weight,
+                             gap_radius=args.gap_radius, pretrained=not args.no_pretrained)
     pick_device(args.device)
     config = ModelConfig(
         name=args.name, architecture=args.model, arch_kwargs=_json_object(args.arch_kwargs, "--arch-kwargs"),
@@ -407,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--glass-fill", type=float, default=0.0,
                     help="share of those crops whose glass is filled with mirrored tissue, as segmentation "
                          "shows glass to the network (0-1; the filled pixels are not scored)")
+    tr.add_argument("--gap-weight", type=float, default=0.0,
+                    help="extra loss weight on background in narrow gaps between objects, where close glands "
+                         "fuse (0 = off; e.g. 5)")
+    tr.add_argument("--gap-radius", type=int, default=4,
+                    help="gaps up to twice this many working-scale pixels wide get --gap-weight")
     tr.add_argument("--no-pretrained", action="store_true",
                     help="start from random weights even where the architecture has ImageNet weights")
     tr.add_argument("--val-fraction", type=float, default=0.2)
