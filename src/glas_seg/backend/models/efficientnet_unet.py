@@ -105,7 +105,7 @@ def efficientnet_unet(num_classes: int = 3, decoder_channels: tuple[int, ...] = 
     """
     if len(decoder_channels) != 5 or min(decoder_channels) < 1:
         raise ValueError(f"decoder_channels must be 5 positive ints, got {decoder_channels!r}")
-    return EfficientNetUNet(num_classes, tuple(int(c) for c in decoder_channels), _check_encoder(encoder))
+    return EfficientNetUNet(num_classes, tuple(int(c) for c in decoder_channels), encoder)
 
 
 def imagenet_weights_path(encoder: str = "lite0") -> Path:
