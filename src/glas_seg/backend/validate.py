@@ -90,9 +90,8 @@ def check_train_settings(settings) -> None:
     integer(settings.warmup, "warmup", 0)
     for name in ("boundary_weight", "dice_weight", "aux_weight"):
         number(getattr(settings, name), name.replace("_", " "), 0)
-    if hasattr(settings, "gap_weight"):
-        number(settings.gap_weight, "gap weight", 0)
-        integer(settings.gap_radius, "gap radius", 1, 64)
+    number(settings.gap_weight, "gap weight", 0)
+    integer(settings.gap_radius, "gap radius", 1, 64)
     choice(settings.optimizer, "optimizer", ("adamw", "amsgrad"))
     integer(settings.seed, "seed", 0)
     if hasattr(settings, "glass"):
