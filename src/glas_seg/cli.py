@@ -154,7 +154,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              crop_size=args.crop_size, learning_rate=args.lr, optimizer=args.optimizer,
                              seed=args.seed, device=args.device, glass=args.glass, glass_fill=args.glass_fill,
                              choose_min_size=args.choose_min_size, gap_weight=args.gap_weight,
-                             gap_radius=args.gap_radius, pretrained=not args.no_pretrained)
+                             gap_radius=args.gap_radius, pretrained=not args.no_pretrained,
+                             loader_workers=args.loader_workers)
     pick_device(args.device)
     config = ModelConfig(
         name=args.name, architecture=args.model, arch_kwargs=_json_object(args.arch_kwargs, "--arch-kwargs"),
@@ -412,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "fuse (0 = off; e.g. 5)")
     tr.add_argument("--gap-radius", type=int, default=4,
                     help="gaps up to twice this many working-scale pixels wide get --gap-weight")
+    tr.add_argument("--loader-workers", type=int, default=None,
+                    help="data-loading processes (default: none on the CPU; on a GPU one per free physical "
+                         "core, at most 8)")
     tr.add_argument("--no-pretrained", action="store_true",
                     help="start from random weights even where the architecture has ImageNet weights")
     tr.add_argument("--val-fraction", type=float, default=0.2)

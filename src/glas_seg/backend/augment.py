@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 from skimage.color import hed2rgb, rgb2hed
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -39,6 +40,28 @@ def fixed_hed_shift(rgb: np.ndarray, alpha, beta) -> np.ndarray:
     return np.clip(hed2rgb(hed), 0, 1).astype(np.float32)
 
 
+class ElasticTransform(v2.ElasticTransform):
+    """torchvision's elastic transform, its random displacement smoothed by scipy instead.
+
+    torchvision blurs the displacement field with a dense ``8 sigma + 1``-tap convolution: about
+    0.3 s per 576-px crop on one CPU thread, more than all the other augmentation together and
+    the bottleneck that left a GPU waiting for data. scipy's separable filter with the same kernel
+    (same radius, same mirrored edges) gives the same field in a few milliseconds.
+    """
+
+    def make_params(self, flat_inputs: list) -> dict:
+        spatial = next(x for x in flat_inputs if isinstance(x, (tv_tensors.Image, tv_tensors.Mask)))
+        height, width = v2.functional.get_size(spatial)
+        fields = []
+        for sigma, alpha, side in ((self.sigma[0], self.alpha[0], width), (self.sigma[1], self.alpha[1], height)):
+            noise = torch.rand(height, width) * 2 - 1  # drawn as torchvision draws it
+            if sigma > 0.0:
+                taps = int(8 * sigma + 1) | 1  # torchvision's kernel size, made odd
+                noise = torch.from_numpy(ndi.gaussian_filter(noise.numpy(), sigma, mode="mirror", radius=taps // 2))
+            fields.append(noise * alpha / side)
+        return dict(displacement=torch.stack(fields, -1)[None])  # 1 x H x W x 2, as torchvision's
+
+
 class Augmenter:
     """Random joint augmentation of ``(image, labels)`` crops.
 
@@ -60,7 +83,7 @@ class Augmenter:
             v2.RandomHorizontalFlip(),
             v2.RandomVerticalFlip(),
             v2.RandomApply([v2.RandomAffine(degrees=15 * s, scale=(1 - 0.15 * s, 1 + 0.15 * s))], p=0.5),
-            v2.RandomApply([v2.ElasticTransform(alpha=30.0 * s, sigma=6.0)], p=0.3),
+            v2.RandomApply([ElasticTransform(alpha=30.0 * s, sigma=6.0)], p=0.3),
         ])
         self.photometric = v2.Compose([
             v2.RandomApply([v2.ColorJitter(brightness=0.15 * s, contrast=0.15 * s, saturation=0.1 * s, hue=0.02 * s)], p=0.8),

@@ -216,9 +216,10 @@ class PatchDataset(torch.utils.data.IterableDataset):
         self.augmenter = Augmenter(crop_size, strength=float(augment), seed=seed)  # True = 1, or a strength
         self.mean = torch.tensor(mean, dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
+        self.seed = seed
         self.rng = np.random.default_rng(seed)
 
-    def reseeded(self, seed: int) -> "PatchDataset":
+    def reseeded(self, seed) -> "PatchDataset":
         """The same dataset drawing from ``seed`` (as if built with it): one slot of a
         data-parallel batch (:func:`.distributed.slot_batches`). Samples are shared, not copied."""
         import copy
@@ -230,6 +231,11 @@ class PatchDataset(torch.utils.data.IterableDataset):
         return other
 
     def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and worker.dataset is self:
+            # A DataLoader worker process: its own stream, or every worker would yield the same crops.
+            yield from self.reseeded(np.random.SeedSequence([self.seed, worker.id]))
+            return
         while True:
             i = int(self.rng.integers(len(self.samples)))
             sample = self.samples[i]

@@ -11,8 +11,9 @@ other CPU-bound process running, a fine-tuning step took 2 s with 2 threads and 
    CPUs), minus the cores other processes keep busy (the 1-minute load average, rounded), and
    at least 1.
 
-Data loading stays in the training process (``DataLoader(num_workers=0)``): worker processes
-would compete with torch's threads for the same cores.
+On the CPU, data loading stays in the training process (``DataLoader(num_workers=0)``): worker
+processes would compete with torch's threads for the same cores. On a GPU the cores are free
+for it, and augmentation, not the GPU, sets the pace (:func:`loader_workers`).
 """
 
 from __future__ import annotations
@@ -86,3 +87,15 @@ def use_torch_threads(count: int | None = None) -> int:
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count
+
+
+def loader_workers(device_type: str) -> int:
+    """Data-loading processes for training on ``device_type`` ("cpu", "cuda", "mps").
+
+    None on the CPU (see the module docstring). On a GPU, one per physical core left once the
+    training process has its own, at most 8: augmenting a 256-px crop costs tens of
+    milliseconds of CPU, so one process cannot feed a GPU that takes a few milliseconds a step.
+    """
+    if device_type == "cpu":
+        return 0
+    return max(0, min(8, physical_cores() - 1))

@@ -28,7 +28,7 @@ from .metrics import match_stack, object_scores, pixel_dice
 from .models import get_architecture, pretrained_encoder_state
 from .registry import LoadedModel, build_model, pick_device
 from . import distributed
-from .threads import use_torch_threads
+from .threads import loader_workers, use_torch_threads
 from .trainable import StartingPointDecay, select_trainable
 from .errors import GlasSegError
 from .model_schema import check_config
@@ -71,6 +71,8 @@ class TrainSettings:
     l2sp: float = 0.0
     augment_strength: float = 1.0
     patience: int = 0
+    # Data-loading processes; None picks them for the device (threads.loader_workers).
+    loader_workers: int | None = None
 
     def __post_init__(self) -> None:
         check_train_settings(self)  # GlasSegError for values that cannot train (iterations 0...)
@@ -322,7 +324,11 @@ def train(
                            contour_mode=config.targets, glass=settings.glass,
                            glass_fill=settings.glass_fill)
     if ddp is None:
-        batches = iter(torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=0))
+        workers = settings.loader_workers
+        workers = loader_workers(device.type) if workers is None else workers
+        batches = iter(torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers,
+                                                   pin_memory=device.type == "cuda",
+                                                   prefetch_factor=4 if workers else None))
     else:  # this process's share of the global batch: the same batches whatever the number of processes
         batches = distributed.slot_batches(dataset, distributed.rank_slots(settings.batch_size, ddp),
                                            settings.seed + state.iteration)
