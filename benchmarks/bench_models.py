@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 DOCS = REPO / "docs"
 RESULTS = DOCS / "model_results.json"
+GPU_RESULTS = DOCS / "model_results_gpu.json"  # written by bench_gpu.py on a machine with a GPU
 START, END = "<!-- bench_models:start -->", "<!-- bench_models:end -->"
 WHEN = {
     "efficientnet-unet-glands": "The default: ImageNet-pretrained encoder, outlines inside the glands, trained with glass edges, smallest object chosen on the training images; best on all three object scores, fastest pixel model.",
@@ -148,6 +149,7 @@ def _scores(m: dict | None, f1: float | None = None) -> str:
 
 
 def table(results: list[dict]) -> str:
+    gpu = json.loads(GPU_RESULTS.read_text())["seconds_per_image"] if GPU_RESULTS.exists() else {}
     rows = [
         "| model | architecture | parameters | file | GFLOPs / 512² | CPU s / GlaS image | GPU s | peak training memory "
         "(batch, crop) | training | val. object F1 (pooled) / Dice / Hausdorff | pixel Dice | TNBC (external) F1 / Dice / Hausdorff | when to pick it |",
@@ -155,11 +157,12 @@ def table(results: list[dict]) -> str:
     ]
     for r in results:
         t, step = r["training"], r["train_step"]
+        gpu_s = f"{gpu[r['name']]:.2f}" if r["name"] in gpu else "not measured"
         training = (f"{t.get('iterations')} it. in {t.get('wall_seconds', 0) / 60:.0f} min, {t.get('device', '?')}, "
                     f"{t.get('train_images')} train / {r['validation_images']} val images")
         rows.append(
             f"| `{r['name']}` | `{r['architecture']}` | {r['params'] / 1e6:.2f} M | {r['file_mb']:.1f} MB | "
-            f"{r['gflops_512']:.1f} | {r['cpu_s_glas_image']:.2f} | not measured | "
+            f"{r['gflops_512']:.1f} | {r['cpu_s_glas_image']:.2f} | {gpu_s} | "
             f"{step['peak_mib']:.0f} MiB ({step['batch']}, {step['crop']}²) | {training} | "
             f"{_scores(r['validation'], r.get('recorded_object_f1_pooled'))} | {r['validation']['pixel_dice']:.3f} | {_scores(r.get('tnbc'))} | "
             f"{WHEN.get(r['name'], '')} |"
@@ -171,6 +174,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=None, help="bundled model names (default: all)")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--table-only", action="store_true",
+                        help="measure nothing: rebuild the table from docs/model_results*.json")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -183,13 +188,14 @@ def main() -> None:
     torch.set_num_threads(1)
     entries = [e for e in list_models() if e.source == "bundled" and (not args.models or e.name in args.models)]
     previous = {r["name"]: r for r in json.loads(RESULTS.read_text())["models"]} if RESULTS.exists() else {}
-    for entry in entries:
+    for entry in [] if args.table_only else entries:
         print(f"measuring {entry.name} ...", file=sys.stderr, flush=True)
         previous[entry.name] = measure(entry)
     order = [e.name for e in list_models() if e.source == "bundled"]
     results = [previous[n] for n in order if n in previous]
-    RESULTS.write_text(json.dumps({"machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
-                                   "models": results}, indent=1))
+    if not args.table_only:
+        RESULTS.write_text(json.dumps({"machine": f"{platform.machine()}, torch {torch.__version__}, 1 thread",
+                                       "models": results}, indent=1))
     text = table(results)
     print(text)
     if args.write_docs:

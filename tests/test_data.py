@@ -72,6 +72,36 @@ def test_patch_dataset_yields_normalised_crops_with_ignore(touching_squares):
     assert (y == -1).any() and set(torch.unique(y).tolist()) <= {-1, 0, 1, 2}
 
 
+def test_elastic_displacement_is_torchvisions_field():
+    """augment.ElasticTransform smooths with scipy: the same displacement as torchvision's."""
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+
+    from glas_seg.backend.augment import ElasticTransform
+
+    image = tv_tensors.Image(torch.rand(3, 120, 90))
+    fields = []
+    for transform in (v2.ElasticTransform(alpha=30.0, sigma=6.0), ElasticTransform(alpha=30.0, sigma=6.0)):
+        torch.manual_seed(3)
+        fields.append(transform.make_params([image])["displacement"])
+    assert fields[1].shape == (1, 120, 90, 2) and fields[1].abs().max() > 1e-3
+    torch.testing.assert_close(fields[1], fields[0], atol=1e-6, rtol=0)
+
+
+def test_loader_workers_draw_their_own_crops_reproducibly(touching_squares):
+    image = np.random.default_rng(0).uniform(size=(64, 64, 3)).astype(np.float32)
+    ds = PatchDataset([Sample("a", image, touching_squares)], 32, (0.5,) * 3, (0.25,) * 3, seed=5)
+
+    def first_batches():
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
+        batches = iter(loader)
+        return [next(batches)[0] for _ in range(2)]  # one from each worker
+
+    a, b = first_batches(), first_batches()
+    assert not torch.equal(a[0], a[1])  # the two workers do not repeat each other
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # and the same seed gives the same stream
+
+
 def test_patient_of_reads_tcga_barcodes():
     from glas_seg.backend.data import patient_of
 

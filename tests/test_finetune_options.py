@@ -242,6 +242,14 @@ def test_thread_count_follows_the_environment_then_the_cores(monkeypatch):
         threads.default_threads()
 
 
+def test_loader_workers_none_on_the_cpu_free_cores_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(threads, "physical_cores", lambda: 16)
+    assert threads.loader_workers("cpu") == 0  # the cores belong to torch's threads
+    assert threads.loader_workers("cuda") == 8  # one core kept for the training process, at most 8
+    monkeypatch.setattr(threads, "physical_cores", lambda: 2)
+    assert threads.loader_workers("cuda") == 1
+
+
 def test_use_torch_threads_sets_and_reports(monkeypatch):
     previous = torch.get_num_threads()
     try:

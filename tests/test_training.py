@@ -76,6 +76,37 @@ def test_bad_gap_settings_are_refused(changes):
         TrainSettings(**changes)
 
 
+@pytest.mark.parametrize("workers", [-1, 1.5])
+def test_bad_loader_workers_are_refused(workers):
+    with pytest.raises(GlasSegError, match="loader workers"):
+        TrainSettings(loader_workers=workers)
+
+
+def test_training_with_loader_workers_runs_and_differs_from_one_process(tmp_path):
+    """Two DataLoader workers feed the loop (each its own crops, so the run is not the
+    one-process run): it trains, checkpoints and gives other weights than workers=0."""
+    samples = [disk_sample(i) for i in range(3)]
+    weights = []
+    for workers in (0, 2):
+        settings = TrainSettings(iterations=4, eval_every=4, batch_size=2, crop_size=48, warmup=1,
+                                 loader_workers=workers, device="cpu")
+        model, state = train(CONFIG, settings, samples, [], tmp_path / str(workers))
+        assert state.iteration == 4 and (tmp_path / str(workers) / "last.safetensors").exists()
+        weights.append(torch.cat([p.detach().flatten() for p in model.network.parameters()]))
+    assert not torch.equal(weights[0], weights[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_a_gpu_with_loader_workers(tmp_path):
+    """The GPU path: workers chosen for the device, mixed precision, pinned batches."""
+    samples = [disk_sample(i) for i in range(3)]
+    settings = TrainSettings(iterations=6, eval_every=3, batch_size=4, crop_size=64, warmup=1, device="cuda")
+    events = []
+    model, state = train(CONFIG, settings, samples, samples[:1], tmp_path, progress=events.append)
+    assert state.iteration == 6 and np.isfinite(events[-1]["loss"])
+    assert next(model.network.parameters()).is_cuda and (tmp_path / "best.safetensors").exists()
+
+
 def test_short_training_lowers_loss_and_resumes(tmp_path):
     samples = [disk_sample(i) for i in range(3)]
     settings = TrainSettings(iterations=30, eval_every=15, batch_size=4, crop_size=64, learning_rate=5e-3, warmup=5)
