@@ -250,6 +250,22 @@ def test_loader_workers_none_on_the_cpu_free_cores_on_a_gpu(monkeypatch):
     assert threads.loader_workers("cuda") == 1
 
 
+def test_finetuning_loads_data_in_its_own_process_even_where_training_would_not(base, monkeypatch):
+    """As if on a GPU (loader_workers -> 2): training would start 2 worker processes, a fine-tune
+    (from the napari process, in a worker thread) starts none."""
+    seen = []
+    original = torch.utils.data.DataLoader.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("num_workers", 0))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(training, "loader_workers", lambda device_type: 2)
+    monkeypatch.setattr(torch.utils.data.DataLoader, "__init__", spy)
+    finetune(str(base), [sample("a", 0)], "in-process", FinetuneSettings(**{**FAST, "iterations": 1}))
+    assert seen == [0]
+
+
 def test_use_torch_threads_sets_and_reports(monkeypatch):
     previous = torch.get_num_threads()
     try:
