@@ -96,6 +96,15 @@ def test_training_with_loader_workers_runs_and_differs_from_one_process(tmp_path
     assert not torch.equal(weights[0], weights[1])
 
 
+def test_loader_workers_are_refused_under_torchrun_before_anything_is_written(tmp_path, monkeypatch):
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    settings = TrainSettings(iterations=2, batch_size=2, crop_size=48, loader_workers=2, device="cpu")
+    with pytest.raises(GlasSegError, match="single-process"):
+        train(CONFIG, settings, [disk_sample(0)], [], tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_training_on_a_gpu_with_loader_workers(tmp_path):
     """The GPU path: workers chosen for the device, mixed precision, pinned batches."""

@@ -265,6 +265,9 @@ def train(
     """
     check_config(config)  # scale 0, wrong class names...: refused before anything is written
     check_min_size_choice(config, settings)
+    if settings.loader_workers and distributed.launched_by_torchrun():
+        raise GlasSegError("loader workers are for single-process training: under torchrun every process draws "
+                           "its own share of the batch itself (docs/cluster.md); leave --loader-workers out")
     for sample in [*train_samples, *val_samples]:
         check_label_ids(sample.labels, sample.name)  # negative ids would make wrong targets silently
     out_dir = Path(out_dir)
