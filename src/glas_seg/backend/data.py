@@ -220,8 +220,9 @@ class PatchDataset(torch.utils.data.IterableDataset):
         self.rng = np.random.default_rng(seed)
 
     def reseeded(self, seed) -> "PatchDataset":
-        """The same dataset drawing from ``seed`` (as if built with it): one slot of a
-        data-parallel batch (:func:`.distributed.slot_batches`). Samples are shared, not copied."""
+        """The same dataset drawing from ``seed`` (an int or a ``numpy.random.SeedSequence``, as
+        if built with it): one slot of a data-parallel batch (:func:`.distributed.slot_batches`)
+        or one DataLoader worker's stream. Samples are shared, not copied."""
         import copy
 
         other = copy.copy(self)
