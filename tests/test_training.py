@@ -7,8 +7,9 @@ import torch
 from glas_seg.backend.checkpoint import ModelConfig, read_config
 from glas_seg.backend.data import Sample
 from glas_seg.backend.inference import Cancelled
+from glas_seg.backend.registry import build_model
 from glas_seg.backend.errors import GlasSegError
-from glas_seg.backend.training import TrainSettings, contour_loss, gap_mask, train
+from glas_seg.backend.training import TrainSettings, contour_loss, gap_mask, parameter_groups, train
 
 
 def disk_sample(seed, size=96):
@@ -94,6 +95,33 @@ def test_training_with_loader_workers_runs_and_differs_from_one_process(tmp_path
         assert state.iteration == 4 and (tmp_path / str(workers) / "last.safetensors").exists()
         weights.append(torch.cat([p.detach().flatten() for p in model.network.parameters()]))
     assert not torch.equal(weights[0], weights[1])
+
+
+def test_encoder_learning_rate_factor_splits_the_parameters_once():
+    network = build_model(CONFIG)
+    names = {id(p): n for n, p in network.named_parameters()}
+    assert len(parameter_groups(network, "unet", TrainSettings())) == 1  # old runs resume as they were
+    rest, encoder = parameter_groups(network, "unet", TrainSettings(learning_rate=1e-3, encoder_lr_factor=0.1))
+    assert "lr" not in rest and encoder["lr"] == pytest.approx(1e-4)
+    assert all(names[id(p)].startswith("encoder.") for p in encoder["params"]) and encoder["params"]
+    assert not any(names[id(p)].startswith("encoder.") for p in rest["params"]) and rest["params"]
+    assert len(rest["params"]) + len(encoder["params"]) == len(names)
+    with pytest.raises(GlasSegError, match="encoder learning-rate factor"):
+        TrainSettings(encoder_lr_factor=0)
+
+
+def test_a_slower_encoder_moves_less(tmp_path):
+    samples = [disk_sample(i) for i in range(2)]
+    moved = []
+    for factor in (1.0, 0.01):
+        settings = TrainSettings(iterations=5, eval_every=5, batch_size=2, crop_size=48, warmup=1, device="cpu",
+                                 encoder_lr_factor=factor)
+        model, _ = train(CONFIG, settings, samples, [], tmp_path / str(factor))
+        torch.manual_seed(settings.seed)  # as train() does before it builds the network
+        start = dict(build_model(CONFIG).named_parameters())
+        moved.append(sum((p.detach() - start[n].detach()).abs().sum().item()
+                         for n, p in model.network.named_parameters() if n.startswith("encoder.")))
+    assert moved[1] < 0.1 * moved[0]
 
 
 def test_loader_workers_are_refused_under_torchrun_before_anything_is_written(tmp_path, monkeypatch):

@@ -155,7 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              seed=args.seed, device=args.device, glass=args.glass, glass_fill=args.glass_fill,
                              choose_min_size=args.choose_min_size, gap_weight=args.gap_weight,
                              gap_radius=args.gap_radius, pretrained=not args.no_pretrained,
-                             loader_workers=args.loader_workers)
+                             loader_workers=args.loader_workers, encoder_lr_factor=args.encoder_lr_factor)
     pick_device(args.device)
     config = ModelConfig(
         name=args.name, architecture=args.model, arch_kwargs=_json_object(args.arch_kwargs, "--arch-kwargs"),
@@ -413,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "fuse (0 = off; e.g. 5)")
     tr.add_argument("--gap-radius", type=int, default=4,
                     help="gaps up to twice this many working-scale pixels wide get --gap-weight")
+    tr.add_argument("--encoder-lr-factor", type=float, default=1.0,
+                    help="learning rate of the (pretrained) encoder relative to --lr, e.g. 0.1")
     tr.add_argument("--loader-workers", type=int, default=None,
                     help="data-loading processes (default: none on the CPU; on a GPU one per free physical "
                          "core, at most 8)")

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import pickle
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +72,9 @@ class TrainSettings:
     l2sp: float = 0.0
     augment_strength: float = 1.0
     patience: int = 0
+    # Learning rate of the encoder (architecture's encoder_params) relative to learning_rate:
+    # below 1 keeps pretrained features closer to ImageNet's on a small training set.
+    encoder_lr_factor: float = 1.0
     # Data-loading processes; None picks them for the device (threads.loader_workers).
     loader_workers: int | None = None
 
@@ -215,6 +219,21 @@ def set_train_mode(network: torch.nn.Module, freeze_norm: bool = False) -> None:
                 module.eval()
 
 
+def parameter_groups(network: torch.nn.Module, architecture: str, settings: TrainSettings) -> list[dict]:
+    """The optimizer's parameter groups: one, or with ``encoder_lr_factor`` != 1 the rest first
+    (its learning rate is the one reported) and the encoder second at the scaled rate.
+
+    One group when the factor is 1, so that runs started before the option resume as they were.
+    """
+    if settings.encoder_lr_factor == 1:
+        return [{"params": list(network.parameters())}]
+    encoder = re.compile(get_architecture(architecture).encoder_params)
+    named = list(network.named_parameters())
+    return [{"params": [p for n, p in named if not encoder.match(n)]},
+            {"params": [p for n, p in named if encoder.match(n)],
+             "lr": settings.learning_rate * settings.encoder_lr_factor}]
+
+
 def _schedule(settings: TrainSettings) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < settings.warmup:
@@ -281,8 +300,8 @@ def train(
     torch.manual_seed(settings.seed)
     network = build_model(config).to(device)
     optimizer = torch.optim.AdamW(
-        network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay,
-        amsgrad=settings.optimizer == "amsgrad",
+        parameter_groups(network, config.architecture, settings), lr=settings.learning_rate,
+        weight_decay=settings.weight_decay, amsgrad=settings.optimizer == "amsgrad",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
     state = TrainState()
