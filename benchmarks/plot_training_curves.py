@@ -2,9 +2,11 @@
 
 Usage::
 
-    python benchmarks/plot_training_curves.py RUN_FOLDER [RUN_FOLDER ...] --out docs/images/curves.png
+    python benchmarks/plot_training_curves.py RUN_FOLDER [RUN_FOLDER ...] --out docs/images/curves.png \
+        [--reference efficientnet-unet-glands]
 
 Each run folder is one written by ``glas-seg train`` (its ``state.json`` holds the history).
+``--reference`` draws a model's recorded validation (from its file) as a dashed line per panel.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--reference", default=None, help="model name or file whose recorded validation to draw")
     args = parser.parse_args()
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2), constrained_layout=True)
     for run in args.runs:
@@ -43,6 +46,12 @@ def main() -> None:
             ax.set_title(title)
             ax.set_xlabel("iteration")
             ax.grid(alpha=0.3)
+    if args.reference:
+        from glas_seg.backend.registry import find_model
+
+        recorded = find_model(args.reference).config.training["validation"]
+        for ax, (key, _) in zip(axes, PANELS):
+            ax.axhline(recorded[key], color="black", linestyle="--", linewidth=1, label=args.reference)
     axes[0].legend(fontsize=8)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
