@@ -12,7 +12,6 @@ import dataclasses
 import json
 import pickle
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,7 @@ from .models import get_architecture, pretrained_encoder_state
 from .registry import LoadedModel, build_model, pick_device
 from . import distributed
 from .threads import loader_workers, use_torch_threads
-from .trainable import StartingPointDecay, select_trainable
+from .trainable import StartingPointDecay, select_trainable, trainable_names
 from .errors import GlasSegError
 from .model_schema import check_config
 from .validate import check_label_ids, check_train_settings
@@ -227,10 +226,10 @@ def parameter_groups(network: torch.nn.Module, architecture: str, settings: Trai
     """
     if settings.encoder_lr_factor == 1:
         return [{"params": list(network.parameters())}]
-    encoder = re.compile(get_architecture(architecture).encoder_params)
-    named = list(network.named_parameters())
-    return [{"params": [p for n, p in named if not encoder.match(n)]},
-            {"params": [p for n, p in named if encoder.match(n)],
+    named = dict(network.named_parameters())
+    rest = set(trainable_names(architecture, named, "decoder"))  # fine-tuning's rule for "not the encoder"
+    return [{"params": [p for n, p in named.items() if n in rest]},
+            {"params": [p for n, p in named.items() if n not in rest],
              "lr": settings.learning_rate * settings.encoder_lr_factor}]
 
 

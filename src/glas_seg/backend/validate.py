@@ -94,9 +94,8 @@ def check_train_settings(settings) -> None:
     integer(settings.gap_radius, "gap radius", 1, 64)
     choice(settings.optimizer, "optimizer", ("adamw", "amsgrad"))
     integer(settings.seed, "seed", 0)
-    if hasattr(settings, "encoder_lr_factor"):
-        number(settings.encoder_lr_factor, "encoder learning-rate factor", 0, 10, low_open=True)
-    if getattr(settings, "loader_workers", None) is not None:
+    number(settings.encoder_lr_factor, "encoder learning-rate factor", 0, 10, low_open=True)
+    if settings.loader_workers is not None:
         integer(settings.loader_workers, "loader workers", 0, 256)
     if hasattr(settings, "glass"):
         number(settings.glass, "glass share", 0, 1)
