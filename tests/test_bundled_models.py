@@ -16,7 +16,6 @@ The full validation numbers are measured by ``benchmarks/bench_models.py`` (docs
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from glas_seg.backend.checkpoint import file_sha256
 from glas_seg.backend.registry import BUNDLED_DIR, list_models, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,10 +35,6 @@ CROP = {"glands": 512, "nuclei": 256}
 # Another thread count or BLAS changes float sums in the last bits; on a crop that may move one
 # watershed seed or detection (one object more or less, or one match), never more than this.
 TOLERANCE = {"tp": 1, "fp": 1, "fn": 1, "pixel_dice": 0.01, "object_dice": 0.03}
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def check_pairs(entry, data_root: Path) -> list[tuple[str, Path, Path]]:

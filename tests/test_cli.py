@@ -117,3 +117,44 @@ def test_train_can_choose_the_smallest_object_on_its_training_images(tmp_path, c
     assert run_state["settings"]["gap_weight"] == 5  # --gap-weight reached the training settings
     assert run_state["settings"]["loader_workers"] == 1  # and --loader-workers
     assert run_state["settings"]["encoder_lr_factor"] == 0.5  # and --encoder-lr-factor
+
+
+def test_train_can_start_from_a_trained_model(tmp_path, capsys):
+    """`train --init MODEL` starts from that model's weights (not random, not ImageNet's), records
+    which file it was, and refuses a model of another shape before anything is written."""
+    import json
+
+    from glas_seg.backend.checkpoint import file_sha256, load_state
+
+    yy, xx = np.mgrid[:96, :96]
+    for k in range(4):
+        labels = np.zeros((96, 96), np.uint16)
+        for i, (cy, cx) in enumerate([(25, 25), (30, 70), (70, 45)], start=1):
+            labels[(yy - cy - 3 * k) ** 2 + (xx - cx) ** 2 <= 144] = i
+        image = np.where(labels[..., None] > 0, 200, 60).astype(np.uint8).repeat(3, axis=2)
+        skio.imsave(tmp_path / f"img{k}.png", image, check_contrast=False)
+        tifffile.imwrite(tmp_path / f"img{k}_label.tif", labels)
+    common = ["--data", str(tmp_path), "--model", "unet", "--task", "nuclei", "--scale", "1", "--iterations", "1",
+              "--eval-every", "1", "--batch-size", "2", "--crop-size", "64", "--min-size", "10", "--tile-size", "64",
+              "--device", "cpu"]
+    first = tmp_path / "first.safetensors"
+    assert main(["train", "--out", str(tmp_path / "a"), *common, "--arch-kwargs", '{"width": 4, "depth": 2}',
+                 "--lr", "1e-2", "--export", str(first)]) == 0
+    code = main(["train", "--out", str(tmp_path / "b"), *common, "--arch-kwargs", '{"width": 8, "depth": 2}',
+                 "--init", str(first)])
+    assert code == 2 and "cannot start this run: arch_kwargs" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    code = main(["train", "--out", str(tmp_path / "b"), *common, "--init", "no-such-model"])
+    assert code == 2 and "No model named 'no-such-model'" in capsys.readouterr().err
+
+    second = tmp_path / "second.safetensors"
+    assert main(["train", "--out", str(tmp_path / "c"), *common, "--arch-kwargs", '{"width": 4, "depth": 2}',
+                 "--lr", "1e-9", "--seed", "1", "--init", str(first), "--export", str(second)]) == 0
+    start, _ = load_state(first)
+    end, config = load_state(second)
+    learned = [k for k in start if "running" not in k and "num_batches" not in k]
+    # One step at a learning rate of 1e-9 leaves the starting weights where they were.
+    assert max(float((end[k] - start[k]).abs().max()) for k in learned) < 1e-3
+    assert config.training["initialised_from"] == {"model": "first", "sha256": file_sha256(first)}
+    run = json.loads((tmp_path / "c" / "state.json").read_text())
+    assert run["state"]["iteration"] == 1

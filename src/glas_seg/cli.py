@@ -142,7 +142,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .backend.data import dataset_split, load_sample
     from .backend.models import get_architecture
     from .backend.distributed import shutdown
-    from .backend.training import TrainSettings, check_min_size_choice, train
+    from .backend.training import TrainSettings, check_min_size_choice, initial_weights, train
     from .backend.checkpoint import config_replace
     from .backend.model_schema import check_config, expected_weights
     from .backend.outputs import output_file, output_folder
@@ -165,6 +165,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_config(config, "train options")
     expected_weights(config)  # the builder accepts --arch-kwargs (names and values)
     check_min_size_choice(config, settings)
+    init_state, init_record = initial_weights(args.init, config) if args.init else (None, None)
     output_folder(args.out, "--out")
     if args.export:
         output_file(args.export, "--export")
@@ -174,12 +175,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     val_samples = [load_sample(*p) for p in val_pairs]
     config = config_replace(config, training={
         "data": str(args.data), "split": f"patient-wise, val_fraction={args.val_fraction}, seed={args.seed}",
-        "val_names": [p[0] for p in val_pairs]})
+        "val_names": [p[0] for p in val_pairs], **({"initialised_from": init_record} if init_record else {})})
     main_process = _main_process()
     bar = _progress_bar(args.iterations, "train", "it", disable=not main_process)
     progress = _training_reporter(bar) if main_process else None
     try:
-        _, state = train(config, settings, train_samples, val_samples, args.out, progress=progress)
+        _, state = train(config, settings, train_samples, val_samples, args.out, init_state=init_state,
+                         progress=progress)
     finally:
         bar.close()  # before any error message, which would otherwise share the bar's line
         shutdown()  # leave the process group of a torchrun run (nothing otherwise)
@@ -418,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--loader-workers", type=int, default=None,
                     help="data-loading processes (default: none on the CPU; on a GPU one per free physical "
                          "core, at most 8)")
+    tr.add_argument("--init", default=None, metavar="MODEL",
+                    help="start from the weights of this trained model (a name from glas-seg models, or a "
+                         ".safetensors file) instead of ImageNet's: same --model and --arch-kwargs; ignored "
+                         "when --out resumes a run")
     tr.add_argument("--no-pretrained", action="store_true",
                     help="start from random weights even where the architecture has ImageNet weights")
     tr.add_argument("--val-fraction", type=float, default=0.2)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import socket
@@ -39,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, file_sha256
 from .errors import GlasSegError
 
 MANIFEST_NAME = "glas_seg_batch.json"
@@ -232,14 +231,6 @@ def segment_one(image_path: str, target: str, options: SegmentOptions, client=No
 
 
 # -- the manifest (driver only) ------------------------------------------------------------------
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_manifest(out: Path) -> dict | None:
     """The manifest in ``out``, or None when there is none or it cannot be read (then the run
     starts afresh: label maps are rewritten, never half-written, so redoing is safe)."""

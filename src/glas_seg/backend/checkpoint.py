@@ -7,6 +7,7 @@ and loading it never executes code (safetensors holds only tensors and strings).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -179,6 +180,15 @@ def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
     # after import must fail here with a message, not segment garbage or crash in a convolution.
     check_weights(Path(path).name, config, state)
     return state, config
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file (model files are identified by it in run records and manifests)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def config_replace(config: ModelConfig, **changes: Any) -> ModelConfig:

@@ -18,7 +18,6 @@ Writing needs no bioimage.io library: ``rdf.yaml`` is written as JSON, which is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import tempfile
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .checkpoint import file_sha256
 from .errors import GlasSegError
 from .export import _check_exportable, export_model, run_exported, sidecar, working_scale_input
 from .outputs import output_file, write_file
@@ -70,14 +70,6 @@ CITE_MONUSEG = {"text": "Kumar N. et al., A dataset and a technique for generali
                 "doi": "10.1109/TMI.2017.2677499"}
 
 _UNET_FAMILY = {"unet", "unet_plus_plus", "residual_unet", "efficientnet_unet"}
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _package_name(model_name: str) -> str:
@@ -313,7 +305,7 @@ def _rdf(model: "LoadedModel", info: dict, files: dict, halo: int, min_side: int
     nm = float(max(1, round(um * 1000)))
 
     def file(key: str) -> dict:
-        return {"source": files[key].name, "sha256": _sha256(files[key])}
+        return {"source": files[key].name, "sha256": file_sha256(files[key])}
 
     def space(axis: str) -> dict:
         return {"type": "space", "id": axis, "size": {"min": min_side, "step": multiple},

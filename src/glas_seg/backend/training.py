@@ -426,6 +426,51 @@ def train(
     return LoadedModel(network, config, device), state
 
 
+#: Configuration fields a starting model must share with the new run: they decide the weights'
+#: names and shapes (architecture, builder arguments, output channels) and what the weights expect
+#: as input (normalisation). Scale, task and targets may change: that is what a new run is for.
+INIT_FIELDS = ("architecture", "arch_kwargs", "class_names", "mean", "std")
+
+
+def initial_weights(source: str | Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+    """Weights of a trained model to start a new training run from (``glas-seg train --init``).
+
+    Parameters
+    ----------
+    source : str or path
+        A bundled or user model name, or a ``.safetensors`` model file.
+    config : ModelConfig
+        The new run's configuration.
+
+    Returns
+    -------
+    state : dict of str to float32 Tensor
+        The model's weights, for :func:`train`'s ``init_state``.
+    record : dict
+        ``{"model": name, "sha256": file hash}``, for the new model's training record.
+
+    Raises
+    ------
+    GlasSegError
+        Unknown model, damaged file, or a model whose :data:`INIT_FIELDS` differ from ``config``.
+    """
+    from .checkpoint import file_sha256
+    from .registry import find_model
+
+    entry = find_model(source)
+    state, start = load_state(entry.path)
+    differ = [name for name in INIT_FIELDS if _comparable(getattr(start, name)) != _comparable(getattr(config, name))]
+    if differ:
+        detail = "; ".join(f"{name} {getattr(start, name)!r} there, {getattr(config, name)!r} here" for name in differ)
+        raise GlasSegError(f"{entry.name} cannot start this run: {detail}. Train with its --model and "
+                           "--arch-kwargs, or leave --init out")
+    return state, {"model": entry.name, "sha256": file_sha256(entry.path)}
+
+
+def _comparable(value):
+    return [_comparable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
 def check_min_size_choice(config: ModelConfig, settings: TrainSettings) -> None:
     """GlasSegError when ``settings.choose_min_size`` asks a detection model for a watershed size."""
     if settings.choose_min_size and get_architecture(config.architecture).predicts_instances:
