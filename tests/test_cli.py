@@ -10,6 +10,18 @@ from glas_seg.cli import main
 SAMPLE = "src/glas_seg/sample_data/glas_train_12.png"
 
 
+def _write_pairs(folder, circles=((25, 25, 12), (30, 70, 12), (70, 45, 12))) -> None:
+    """Four 96 x 96 image/label pairs (MoNuSeg layout) of bright discs (cy, cx, r) on a dark ground."""
+    yy, xx = np.mgrid[:96, :96]
+    for k in range(4):
+        labels = np.zeros((96, 96), np.uint16)
+        for i, (cy, cx, r) in enumerate(circles, start=1):
+            labels[(yy - cy - 3 * k) ** 2 + (xx - cx) ** 2 <= r * r] = i
+        image = np.where(labels[..., None] > 0, 200, 60).astype(np.uint8).repeat(3, axis=2)
+        skio.imsave(folder / f"img{k}.png", image, check_contrast=False)
+        tifffile.imwrite(folder / f"img{k}_label.tif", labels)
+
+
 def test_help_documents_commands(capsys):
     try:
         main(["--help"])
@@ -58,14 +70,7 @@ def test_segment_mode_needs_a_model_with_modes(tmp_path, capsys):
 
 def test_train_mask_rcnn_on_a_pairs_folder_then_segment(tmp_path, capsys):
     """`train --model mask_rcnn` on an image/label folder (MoNuSeg layout), then `segment` with it."""
-    yy, xx = np.mgrid[:96, :96]
-    for k in range(4):
-        labels = np.zeros((96, 96), np.uint16)
-        for i, (cy, cx) in enumerate([(25, 25), (30, 70), (70, 45)], start=1):
-            labels[(yy - cy - 3 * k) ** 2 + (xx - cx) ** 2 <= 144] = i
-        image = np.where(labels[..., None] > 0, 200, 60).astype(np.uint8).repeat(3, axis=2)
-        skio.imsave(tmp_path / f"img{k}.png", image, check_contrast=False)
-        tifffile.imwrite(tmp_path / f"img{k}_label.tif", labels)
+    _write_pairs(tmp_path)
     model_file = tmp_path / "m.safetensors"
     argv = ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--model", "mask_rcnn",
             "--arch-kwargs", '{"fpn_channels": 16, "anchor_size": 8}', "--name", "m", "--task", "nuclei",
@@ -85,14 +90,7 @@ def test_train_can_choose_the_smallest_object_on_its_training_images(tmp_path, c
     reaches the training settings; a bad ``--gap-radius`` is refused."""
     from glas_seg.backend.registry import load_model
 
-    yy, xx = np.mgrid[:96, :96]
-    for k in range(4):
-        labels = np.zeros((96, 96), np.uint16)
-        for i, (cy, cx, r) in enumerate([(25, 25, 12), (30, 70, 10), (70, 45, 14)], start=1):
-            labels[(yy - cy - 3 * k) ** 2 + (xx - cx) ** 2 <= r * r] = i
-        image = np.where(labels[..., None] > 0, 200, 60).astype(np.uint8).repeat(3, axis=2)
-        skio.imsave(tmp_path / f"img{k}.png", image, check_contrast=False)
-        tifffile.imwrite(tmp_path / f"img{k}_label.tif", labels)
+    _write_pairs(tmp_path, ((25, 25, 12), (30, 70, 10), (70, 45, 14)))
     common = ["--data", str(tmp_path), "--task", "nuclei", "--scale", "1", "--iterations", "2", "--eval-every", "2",
               "--batch-size", "2", "--crop-size", "64", "--min-size", "10", "--tile-size", "64", "--device", "cpu",
               "--choose-min-size"]
@@ -126,14 +124,7 @@ def test_train_can_start_from_a_trained_model(tmp_path, capsys):
 
     from glas_seg.backend.checkpoint import file_sha256, load_state
 
-    yy, xx = np.mgrid[:96, :96]
-    for k in range(4):
-        labels = np.zeros((96, 96), np.uint16)
-        for i, (cy, cx) in enumerate([(25, 25), (30, 70), (70, 45)], start=1):
-            labels[(yy - cy - 3 * k) ** 2 + (xx - cx) ** 2 <= 144] = i
-        image = np.where(labels[..., None] > 0, 200, 60).astype(np.uint8).repeat(3, axis=2)
-        skio.imsave(tmp_path / f"img{k}.png", image, check_contrast=False)
-        tifffile.imwrite(tmp_path / f"img{k}_label.tif", labels)
+    _write_pairs(tmp_path)
     common = ["--data", str(tmp_path), "--model", "unet", "--task", "nuclei", "--scale", "1", "--iterations", "1",
               "--eval-every", "1", "--batch-size", "2", "--crop-size", "64", "--min-size", "10", "--tile-size", "64",
               "--device", "cpu"]
