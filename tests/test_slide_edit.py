@@ -200,3 +200,77 @@ def test_bad_writes_are_user_errors_and_write_nothing(store):
             write_labels_region(store, box, labels)
     assert write_labels_region(store, (0, 100, 0, 100), region).changed == 0
     np.testing.assert_array_equal(open_labels(store)[0][:], before)
+
+
+def _edit(store):
+    """An edit of a box over square 2 (deleted) and part of the disk 9, and its box."""
+    box = (250, 851, 251, 601)
+    edited = read_labels_region(store, box)
+    edited[edited == 2] = 0
+    edited[400:500, 200:300] = 0
+    return box, edited
+
+
+@pytest.mark.parametrize("killed_at", ["arrays", "manifest"])
+def test_a_write_killed_half_way_leaves_the_labels_before_or_after_it(store, monkeypatch, killed_at):
+    """A process killed after level 0 changed but before the manifest is written leaves the old
+    labels once the store is opened again (the undo journal puts them back); killed after the
+    manifest but before the journal is deleted, it leaves the new labels. Either way level 0, the
+    display levels and the table agree, and the journal is gone."""
+    import glas_seg.backend.slide_edit as slide_edit
+
+    before = open_labels(store)[0][:]
+    table_before = manifest(store)["objects"]
+    box, edited = _edit(store)
+
+    class Killed(BaseException):  # not an Exception: nothing in the write may catch it
+        pass
+
+    def die(*args, **kwargs):
+        raise Killed
+
+    if killed_at == "arrays":
+        def paint_then_die(group, box, labels):  # level 0 and the display levels half changed
+            group["0"][box[0]:box[1], box[2]:box[3]] = labels
+            raise Killed
+
+        monkeypatch.setattr(slide_edit, "_paint", paint_then_die)
+    else:
+        real_unlink = type(store).unlink
+        monkeypatch.setattr(type(store), "unlink",
+                            lambda self, *a, **k: die() if self.name == slide_edit.JOURNAL else real_unlink(self, *a, **k))
+    with pytest.raises(Killed):
+        write_labels_region(store, box, edited)
+    monkeypatch.undo()
+    journal = store / slide_edit.JOURNAL
+    assert journal.is_file()
+    if killed_at == "arrays":
+        assert not np.array_equal(_raw_level0(store), before)  # half written on disk
+    after = open_labels(store)[0][:]  # opening the store finishes the interrupted write
+    assert not journal.exists()
+    y0, y1, x0, x1 = box
+    if killed_at == "arrays":
+        np.testing.assert_array_equal(after, before)
+        assert manifest(store)["objects"] == table_before
+    else:
+        np.testing.assert_array_equal(after[y0:y1, x0:x1], edited)
+        assert "2" not in manifest(store)["objects"]
+    assert_pyramid_follows_level0(store)
+    assert_table_matches(store)
+    # The store takes the next edit normally.
+    write_labels_region(store, box, edited)
+    np.testing.assert_array_equal(read_labels_region(store, box), edited)
+
+
+def _raw_level0(path):
+    import zarr
+
+    return zarr.open_group(str(path), mode="r")["0"][:]
+
+
+def test_an_interrupted_write_that_cannot_be_finished_is_a_clear_error(store):
+    import glas_seg.backend.slide_edit as slide_edit
+
+    (store / slide_edit.JOURNAL).write_bytes(b"not a journal")
+    with pytest.raises(GlasSegError, match="interrupted label edit"):
+        read_labels_region(store, (0, 10, 0, 10))

@@ -13,6 +13,14 @@ the box). An id new to the region keeps its number unless that number belongs to
 elsewhere in the store, or is at or above the manifest's ``next_id`` (the store reserves those
 for a resumed segmentation): such an id gets a fresh number from ``next_id``.
 
+Crashes. A write changes level 0, then the display levels, then the manifest. Before the first
+array write the old labels of the box go to an undo journal (:data:`JOURNAL`, written
+atomically) and the manifest then records the write's token; the journal is deleted last. A
+process killed in between leaves the journal, and the next opening of the store
+(:func:`.slide_segment.open_labels`, a read, a write) finishes the job: when the manifest holds
+the token the write was complete, else the old labels are put back. So a store holds either
+the labels before an edit or after it, never half of it.
+
 Concurrency. Writes in one process are serialised; with ``base`` (the labels as read, or their
 :func:`labels_digest`) a write refuses when the store's region no longer holds them (another
 editor or a new segmentation wrote there since), instead of overwriting their work.
@@ -22,24 +30,29 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from .checkpoint import atomic_write
 from .errors import GlasSegError
 from .slide_segment import MANIFEST, _write_manifest, open_labels
 from .stacks import fingerprint
 
 __all__ = ["MAX_EDIT_PIXELS", "RegionWrite", "clip_box", "labels_digest", "read_labels_region",
-           "write_labels_region"]
+           "write_labels_region", "finish_interrupted_write"]
 
 #: Largest region opened for editing (or scored), in base-level pixels: 64 MP of uint32 labels
 #: are 256 MB in memory, plus napari's copy while painting. Zoom in or draw a smaller region.
 MAX_EDIT_PIXELS = 64_000_000
 
-_WRITE_LOCK = threading.Lock()
+#: Undo journal of a write in progress, in the store folder (see the module docstring).
+JOURNAL = "pending_write.npz"
+
+_WRITE_LOCK = threading.RLock()  # re-entered when a write first finishes an interrupted one
 
 
 @dataclass
@@ -112,6 +125,7 @@ def _open_level0(store, mode: str):
     store = Path(store)
     if not (store / MANIFEST).is_file():
         raise GlasSegError(f"{store} is not a glas-seg label store (no {MANIFEST})")
+    finish_interrupted_write(store)
     if mode == "r":
         return open_labels(store)[0]
     import zarr
@@ -239,19 +253,72 @@ def write_labels_region(store: str | Path, box, labels: np.ndarray, *, base=None
             if entry is None:
                 entry = objects[index] = {"area": 0, "box": None, "p": [0.0, 0]}
             entry["area"], entry["box"] = int(area), [int(v) for v in merged]
-        level0[y0:y1, x0:x1] = new
-        levels = int(group.attrs.get("levels", 1))
-        for k in range(1, levels):  # level k is level 0 taken every 2**k pixels
-            if str(k) not in group:
-                break
-            step = 2**k
-            r0, r1 = -(-y0 // step), -(-y1 // step)
-            c0, c1 = -(-x0 // step), -(-x1 // step)
-            if r1 > r0 and c1 > c0:
-                group[str(k)][r0:r1, c0:c1] = new[r0 * step - y0 :: step, c0 * step - x0 :: step][: r1 - r0, : c1 - c0]
-        manifest.update(next_id=next_id, objects={str(k): v for k, v in sorted(objects.items())})
+        token = uuid.uuid4().hex
+        atomic_write(store / JOURNAL, lambda tmp: _save_journal(tmp, (y0, y1, x0, x1), current, token))
+        _paint(group, (y0, y1, x0, x1), new)
+        manifest.update(next_id=next_id, objects={str(k): v for k, v in sorted(objects.items())}, write=token)
         _write_manifest(store, manifest)
+        (store / JOURNAL).unlink()
         return RegionWrite(changed, renamed, removed, new)
+
+
+def _paint(group, box, labels: np.ndarray) -> None:
+    """Put ``labels`` into level 0 of a store's group at ``box`` and recompute the display levels there."""
+    y0, y1, x0, x1 = box
+    group["0"][y0:y1, x0:x1] = labels
+    levels = int(group.attrs.get("levels", 1))
+    for k in range(1, levels):  # level k is level 0 taken every 2**k pixels
+        if str(k) not in group:
+            break
+        step = 2**k
+        r0, r1 = -(-y0 // step), -(-y1 // step)
+        c0, c1 = -(-x0 // step), -(-x1 // step)
+        if r1 > r0 and c1 > c0:
+            group[str(k)][r0:r1, c0:c1] = labels[r0 * step - y0 :: step, c0 * step - x0 :: step][: r1 - r0, : c1 - c0]
+
+
+def _save_journal(path, box, old: np.ndarray, token: str) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would add ".npz" to a temporary name
+        np.savez(f, box=np.asarray(box, np.int64), old=old, token=np.asarray(token))
+
+
+def finish_interrupted_write(store: str | Path) -> str | None:
+    """Complete or undo a write that a killed process left half done (see the module docstring).
+
+    Returns
+    -------
+    str or None
+        ``"completed"`` (the manifest had been written: only the journal was left),
+        ``"undone"`` (the box's old labels were put back) or None (no interrupted write).
+
+    Raises
+    ------
+    GlasSegError
+        The journal cannot be read, or the store cannot be written to put the old labels back.
+    """
+    store = Path(store)
+    journal = store / JOURNAL
+    if not journal.is_file():
+        return None
+    import zarr
+
+    with _WRITE_LOCK:
+        if not journal.is_file():  # another thread finished it meanwhile
+            return None
+        try:
+            with np.load(journal, allow_pickle=False) as saved:
+                box, old, token = tuple(int(v) for v in saved["box"]), saved["old"], str(saved["token"])
+            manifest = json.loads((store / MANIFEST).read_text())
+            if manifest.get("write") == token:
+                outcome = "completed"
+            else:
+                _paint(zarr.open_group(str(store), mode="a"), box, old)
+                outcome = "undone"
+            journal.unlink()
+        except (OSError, ValueError, KeyError) as exc:
+            raise GlasSegError(f"{store} holds an interrupted label edit ({JOURNAL}) that could not be finished "
+                               f"({type(exc).__name__}: {exc}); the store may be read-only") from None
+    return outcome
 
 
 def _id_counts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -108,9 +108,16 @@ class SlideSegmentation:
 
 
 def open_labels(store: str | Path) -> list:
-    """The label pyramid of a store written by :func:`segment_slide`: zarr arrays, base first."""
+    """The label pyramid of a store written by :func:`segment_slide`: zarr arrays, base first.
+
+    A label edit that a killed process left half written is completed or undone first
+    (:func:`.slide_edit.finish_interrupted_write`).
+    """
     import zarr
 
+    from .slide_edit import finish_interrupted_write  # slide_edit builds on this module
+
+    finish_interrupted_write(store)
     group = zarr.open_group(str(store), mode="r")
     levels = int(group.attrs.get("levels", 1))
     return [group[str(i)] for i in range(levels)]
@@ -478,6 +485,9 @@ def segment_slide(
         store = Path(store)
         manifest = None
         if resume and (store / MANIFEST).is_file():
+            from .slide_edit import finish_interrupted_write
+
+            finish_interrupted_write(store)  # an edit killed half-way: the store as before or after it
             try:
                 manifest = json.loads((store / MANIFEST).read_text())
             except (OSError, ValueError):
