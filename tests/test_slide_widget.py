@@ -63,7 +63,7 @@ def draw_box(viewer, labels, y0, y1, x0, x1):
     return viewer.add_shapes([corners], shape_type="rectangle", name="region")
 
 
-def test_edit_a_slide_region_and_write_it_back(docked, tmp_path):
+def test_edit_a_slide_region_and_write_it_back(docked, qtbot, tmp_path):
     import json
 
     from test_slide_edit import store_labels
@@ -100,6 +100,13 @@ def test_edit_a_slide_region_and_write_it_back(docked, tmp_path):
     shown = drawn(labels, 250, 420, 280, 400)  # read as napari draws it: through its dask cache
     np.testing.assert_array_equal(shown, before[250:420, 280:400])
     edit.write_back()
+    # The write runs in a worker thread: until it is done the region cannot be painted or edited.
+    assert not region.editable and not edit.write_back_button.enabled
+    edit.selection.value = "1"
+    edit.delete_selected()
+    assert "being written back" in edit.status.value
+    wait_for_write(qtbot, edit)
+    assert region.editable and edit.write_back_button.enabled
     assert "Wrote" in edit.status.value and "refreshed" in edit.status.value, edit.status.value
 
     after = open_labels(store)[0][:]
@@ -116,6 +123,7 @@ def test_edit_a_slide_region_and_write_it_back(docked, tmp_path):
     assert "2" not in objects and objects[str(next_id)]["area"] == 600 and objects["3"]["area"] == 50 * 80
 
     edit.write_back()
+    wait_for_write(qtbot, edit)
     assert "nothing to write" in edit.status.value
     # Someone else writes into the region: this layer's edit is refused, theirs is kept.
     theirs = read_labels_region(store, (250, 420, 280, 400))
@@ -123,8 +131,14 @@ def test_edit_a_slide_region_and_write_it_back(docked, tmp_path):
     write_labels_region(store, (250, 420, 280, 400), theirs)
     paint(region, 150, 160, 100, 110, 1)
     edit.write_back()
-    assert "changed on disk" in edit.status.value
+    wait_for_write(qtbot, edit)
+    assert "changed on disk" in edit.status.value and "Nothing written" in edit.status.value
+    assert region.editable
     np.testing.assert_array_equal(read_labels_region(store, (250, 420, 280, 400)), theirs)
+
+
+def wait_for_write(qtbot, edit):
+    qtbot.waitUntil(lambda: not edit.write_task.running and edit.write_back_button.enabled, timeout=30_000)
 
 
 def drawn(layer, y0, y1, x0, x1):

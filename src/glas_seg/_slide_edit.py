@@ -15,6 +15,7 @@ part of a region, through world coordinates, for the Metrics widget.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,15 +75,35 @@ def write_back(viewer, region_layer: Labels) -> WriteBack:
 
     Ids renumbered by the store (an id of another object elsewhere, see
     :func:`.backend.slide_edit.write_labels_region`) are renumbered in the layer too, and the
-    layer then counts as freshly read (a second write-back without edits writes nothing).
+    layer then counts as freshly read (a second write-back without edits writes nothing). The
+    Edit widget runs the same two steps with the write in a worker thread.
     """
+    return finish_write_back(viewer, region_layer, *write_back_job(region_layer)())
+
+
+def write_back_job(region_layer: Labels) -> Callable[[], tuple]:
+    """Check a region layer and take its labels (main thread): a function that writes them into
+    the store, for any thread, and returns the backend's result and the new digest for
+    :func:`finish_write_back`. GlasSegError when the layer is not a slide region."""
     if role(region_layer) != SLIDE_REGION_EDIT:
         raise GlasSegError(f"{region_layer.name!r} is not a slide region; open one with Edit region first")
     meta = _meta(region_layer)
-    result = write_labels_region(meta["store"], meta["box"], np.asarray(region_layer.data), base=meta["base"])
+    store, box, base = meta["store"], meta["box"], meta["base"]
+    labels = np.array(region_layer.data)  # a copy: the layer may be painted again while this writes
+
+    def job() -> tuple:
+        result = write_labels_region(store, box, labels, base=base)
+        return result, labels_digest(result.labels)
+
+    return job
+
+
+def finish_write_back(viewer, region_layer: Labels, result, digest: str) -> WriteBack:
+    """Show a finished write (main thread): renumbered ids in the layer, the slide's labels re-read."""
+    meta = _meta(region_layer)
     if result.renamed:
         region_layer.data = result.labels
-    meta["base"] = labels_digest(result.labels)
+    meta["base"] = digest
     refreshed = refresh_slide_labels(viewer, meta["store"]) if result.changed else []
     return WriteBack(result, refreshed)
 

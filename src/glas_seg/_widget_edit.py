@@ -21,9 +21,10 @@ from magicgui.widgets import ComboBox, Container, Label, LineEdit, PushButton, S
 from napari.layers import Labels, Points, Shapes
 from napari.utils.notifications import show_warning
 
+from ._background import BackgroundTask
 from ._dock import dock_as_tab, wrap_text
 from ._layers import ERROR_ROLES, METADATA_KEY, adding_layers, fits, plugin_is_adding, role
-from ._slide_edit import SLIDE_REGION_EDIT, open_region, slide_labels_layers, write_back
+from ._slide_edit import SLIDE_REGION_EDIT, finish_write_back, open_region, slide_labels_layers, write_back_job
 from ._slide_widget import SHAPES, SLIDE_SEGMENTATION, VISIBLE
 from .backend import editing
 from .backend.errors import GlasSegError
@@ -147,6 +148,9 @@ class EditWidget(Container):
         self.undo_button.changed.connect(self.undo)
         self.edit_region_button.changed.connect(self.edit_region)
         self.write_back_button.changed.connect(self.write_back)
+        self.write_task = BackgroundTask()
+        self._writing: tuple = (None, True)  # the region layer being written and whether it was editable
+        self.write_task.finished.connect(self._write_finished)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self.reset_choices)
         napari_viewer.layers.selection.events.active.connect(self._follow_active_layer)
@@ -227,6 +231,9 @@ class EditWidget(Container):
             return None
         if layer.multiscale:
             self._fail(f"{layer.name!r} is multiscale; edit a single-resolution Labels layer")
+            return None
+        if layer is self._writing[0]:
+            self._fail(f"{layer.name!r} is being written back to its slide; edit it when that has finished")
             return None
         if layer.ndim < 2:
             self._fail(f"{layer.name!r} has no 2D plane")
@@ -468,25 +475,45 @@ class EditWidget(Container):
         return layer
 
     def write_back(self) -> None:
-        """Write the chosen region layer (or the only one) into its slide's label store."""
+        """Write the chosen region layer (or the only one) into its slide's label store, in a worker
+        thread; the layer cannot be painted until the write has finished."""
         regions = [layer for layer in self.viewer.layers if role(layer) == SLIDE_REGION_EDIT]
         layer = self.labels.value if self.labels.value in regions else regions[0] if len(regions) == 1 else None
         if layer is None:
             self._fail("choose the slide region layer to write back in Labels (Edit region makes one)"
                        if regions else "open a slide region with Edit region first")
             return
+        if self.write_task.running:
+            self._fail("a write-back is still under way; wait for it to finish")
+            return
         try:
-            done = write_back(self.viewer, layer)
+            job = write_back_job(layer)
         except GlasSegError as exc:
             self._fail(str(exc))
             return
-        result = done.result
+        self._writing, layer.editable = (layer, layer.editable), False
+        self.write_back_button.enabled = False
+        self.status.value = f"Writing {layer.name} back..."
+        self.write_task.start(lambda report, cancel: job(), lambda out: self._written(layer, *out),
+                              f"glas-seg: writing {layer.name} back")
+
+    def _written(self, layer: Labels, result, digest: str) -> None:
+        done = finish_write_back(self.viewer, layer, result, digest)
         if not result.changed:
             self.status.value = f"{layer.name}: nothing to write, the store already holds these labels"
             return
         renamed = f"; new ids renumbered {result.renamed}" if result.renamed else ""
         self.status.value = (f"Wrote {layer.name} back: {result.changed} px changed{renamed}"
                              + (f"; {', '.join(s.name for s in done.refreshed)} refreshed" if done.refreshed else ""))
+
+    def _write_finished(self, status: str) -> None:
+        layer, editable = self._writing
+        self._writing = (None, True)
+        if layer is not None:
+            layer.editable = editable
+        self.write_back_button.enabled = True
+        if status == "failed":  # the store is as it was (slide_edit writes all or nothing)
+            self.status.value = f"Nothing written: {self.write_task.last_error}"
 
     def add_cut_line_layer(self) -> None:
         layer = self.labels.value
