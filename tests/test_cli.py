@@ -122,7 +122,8 @@ def test_train_can_start_from_a_trained_model(tmp_path, capsys):
     which file it was, and refuses a model of another shape before anything is written."""
     import json
 
-    from glas_seg.backend.checkpoint import file_sha256, load_state
+    from glas_seg.backend.checkpoint import config_replace, file_sha256, load_state, read_config, save_model
+    from glas_seg.backend.registry import build_network
 
     _write_pairs(tmp_path)
     common = ["--data", str(tmp_path), "--model", "unet", "--task", "nuclei", "--scale", "1", "--iterations", "1",
@@ -149,3 +150,26 @@ def test_train_can_start_from_a_trained_model(tmp_path, capsys):
     assert config.training["initialised_from"] == {"model": "first", "sha256": file_sha256(first)}
     run = json.loads((tmp_path / "c" / "state.json").read_text())
     assert run["state"]["iteration"] == 1
+    assert config.training["loader_workers"] == 0  # the resolved count, on which the batches depend
+
+    # Resumed (more iterations): --init is left aside and the record stays the first command's.
+    capsys.readouterr()
+    longer = ["2" if i and common[i - 1] == "--iterations" else x for i, x in enumerate(common)]
+    assert main(["train", "--out", str(tmp_path / "c"), *longer, "--arch-kwargs", '{"width": 4, "depth": 2}',
+                 "--lr", "1e-9", "--seed", "1", "--init", "no-such-model"]) == 0
+    assert "left aside" in capsys.readouterr().err
+    resumed = read_config(tmp_path / "c" / "last.safetensors")
+    assert resumed.training["iterations"] == 2 and resumed.training["initialised_from"]["model"] == "first"
+    # A learning rate the saved optimizer would override is refused, before anything is read.
+    code = main(["train", "--out", str(tmp_path / "c"), *common, "--arch-kwargs", '{"width": 4, "depth": 2}',
+                 "--lr", "1e-3", "--seed", "1"])
+    assert code == 2 and "learning_rate 1e-09 -> 0.001" in capsys.readouterr().err
+
+    # The starting model's input normalisation comes with its weights.
+    other = tmp_path / "other.safetensors"
+    network = build_network(read_config(first), start)
+    save_model(other, network, config_replace(read_config(first), mean=(0.4, 0.4, 0.4), std=(0.3, 0.3, 0.3)))
+    third = tmp_path / "third.safetensors"
+    assert main(["train", "--out", str(tmp_path / "d"), *common, "--arch-kwargs", '{"width": 4, "depth": 2}',
+                 "--init", str(other), "--export", str(third)]) == 0
+    assert tuple(read_config(third).mean) == (0.4, 0.4, 0.4) and tuple(read_config(third).std) == (0.3, 0.3, 0.3)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 import shutil
@@ -117,10 +118,11 @@ class Runner:
             loop = json.loads((self.work / f"cal-{name}" / "state.json").read_text())["state"]["wall_seconds"]
             seen = elapsed_by_iteration(self.work / f"cal-{name}.log")
             # From the second half: the first iterations wait for the workers to start.
-            k1 = min(k for k in seen if k >= CALIBRATION // 2)
-            k2 = max(k for k in seen if k < CALIBRATION)
-            per_iteration = (seen[k2] - seen[k1]) / max(1, k2 - k1) or loop / CALIBRATION
-            validation = max(2.0, loop - seen[k2] - per_iteration)
+            k1 = min((k for k in seen if k >= CALIBRATION // 2), default=0)
+            k2 = max((k for k in seen if k < CALIBRATION), default=0)
+            per_iteration = (seen[k2] - seen[k1]) / (k2 - k1) if k2 > k1 else 0
+            per_iteration = per_iteration or loop / CALIBRATION
+            validation = max(2.0, loop - seen.get(k2, 0) - per_iteration)
             plans[name] = (per_iteration, validation, time.time() - t - loop)
             self.log(name, f"calibration: {per_iteration:.3f} s/it, validation {validation:.1f} s, "
                            f"start-up {plans[name][2]:.1f} s")
@@ -132,7 +134,7 @@ class Runner:
         for name, (per_iteration, validation, startup) in plans.items():
             available = end - time.time() - startup
             iterations = int(0.95 * (available - N_VALIDATIONS * validation) / per_iteration)
-            every = max(50, round(iterations / N_VALIDATIONS / 50) * 50)
+            every = max(50, math.ceil(iterations / N_VALIDATIONS / 50) * 50)  # at most N_VALIDATIONS
             iterations = max(every, iterations // every * every)
             processes[name] = self.launch(name, name, iterations, every)
             self.log(name, f"{iterations} iterations, validation every {every}")

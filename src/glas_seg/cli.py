@@ -142,7 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .backend.data import dataset_split, load_sample
     from .backend.models import get_architecture
     from .backend.distributed import shutdown
-    from .backend.training import TrainSettings, check_min_size_choice, initial_weights, train
+    from .backend.training import (TrainSettings, check_loader_workers, check_min_size_choice, check_resume,
+                                   initial_weights, resumable, train)
     from .backend.checkpoint import config_replace
     from .backend.model_schema import check_config, expected_weights
     from .backend.outputs import output_file, output_folder
@@ -165,7 +166,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_config(config, "train options")
     expected_weights(config)  # the builder accepts --arch-kwargs (names and values)
     check_min_size_choice(config, settings)
-    init_state, init_record = initial_weights(args.init, config) if args.init else (None, None)
+    check_loader_workers(settings)
+    check_resume(args.out, settings)
+    init_state, init_record = None, None
+    if args.init and resumable(args.out):
+        print(f"--init {args.init} left aside: {args.out} holds a run, which is resumed", file=sys.stderr)
+    elif args.init:
+        init_state, config, init_record = initial_weights(args.init, config)
     output_folder(args.out, "--out")
     if args.export:
         output_file(args.export, "--export")
@@ -422,8 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "core, at most 8)")
     tr.add_argument("--init", default=None, metavar="MODEL",
                     help="start from the weights of this trained model (a name from glas-seg models, or a "
-                         ".safetensors file) instead of ImageNet's: same --model and --arch-kwargs; ignored "
-                         "when --out resumes a run")
+                         ".safetensors file) and its input normalisation, instead of ImageNet's weights: same "
+                         "--model and --arch-kwargs; left aside when --out holds a run to resume")
     tr.add_argument("--no-pretrained", action="store_true",
                     help="start from random weights even where the architecture has ImageNet weights")
     tr.add_argument("--val-fraction", type=float, default=0.2)

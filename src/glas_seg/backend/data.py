@@ -226,6 +226,8 @@ class PatchDataset(torch.utils.data.IterableDataset):
         import copy
 
         other = copy.copy(self)
+        # Its own seed too, so that its DataLoader workers (__iter__) draw from it, not from ours.
+        other.seed = seed if isinstance(seed, int) else int(seed.generate_state(1)[0])
         other.rng = np.random.default_rng(seed)
         other.augmenter = copy.copy(self.augmenter)
         other.augmenter.rng = np.random.default_rng(seed)

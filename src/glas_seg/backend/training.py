@@ -283,9 +283,8 @@ def train(
     """
     check_config(config)  # scale 0, wrong class names...: refused before anything is written
     check_min_size_choice(config, settings)
-    if settings.loader_workers and distributed.launched_by_torchrun():
-        raise GlasSegError("loader workers are for single-process training: under torchrun every process draws "
-                           "its own share of the batch itself (docs/cluster.md); leave --loader-workers out")
+    check_loader_workers(settings)
+    check_resume(out_dir, settings)
     for sample in [*train_samples, *val_samples]:
         check_label_ids(sample.labels, sample.name)  # negative ids would make wrong targets silently
     out_dir = Path(out_dir)
@@ -305,14 +304,18 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
     state = TrainState()
     state_file = out_dir / "state.json"
-    if state_file.exists() and (out_dir / "last.safetensors").exists():
+    if resumable(out_dir):
         try:
-            weights, _ = load_state(out_dir / "last.safetensors")
+            weights, saved_config = load_state(out_dir / "last.safetensors")
             network.load_state_dict(weights)
             extra = torch.load(out_dir / "last_optimizer.pt", map_location=device, weights_only=True)
             optimizer.load_state_dict(extra["optimizer"])
             scheduler.load_state_dict(extra["scheduler"])
             state = TrainState(**json.loads(state_file.read_text())["state"])
+            # Where the run started from is the first command's to record, not this one's.
+            config = dataclasses.replace(config, training={
+                **{k: v for k, v in config.training.items() if k != "initialised_from"},
+                **{k: v for k, v in saved_config.training.items() if k == "initialised_from"}})
         except (pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
             # A damaged, foreign or non-weights-only file (never unpickled), or a run of another model.
             # The exception's own text is left out: torch's suggests weights_only=False, which would
@@ -347,6 +350,8 @@ def train(
     if ddp is None:
         workers = settings.loader_workers
         workers = loader_workers(device.type) if workers is None else workers
+        # The batches depend on the number of workers (each has its own stream): record it.
+        config = dataclasses.replace(config, training={**config.training, "loader_workers": workers})
         batches = iter(torch.utils.data.DataLoader(dataset, batch_size=settings.batch_size, num_workers=workers,
                                                    pin_memory=device.type == "cuda",
                                                    prefetch_factor=4 if workers else None))
@@ -427,12 +432,12 @@ def train(
 
 
 #: Configuration fields a starting model must share with the new run: they decide the weights'
-#: names and shapes (architecture, builder arguments, output channels) and what the weights expect
-#: as input (normalisation). Scale, task and targets may change: that is what a new run is for.
-INIT_FIELDS = ("architecture", "arch_kwargs", "class_names", "mean", "std")
+#: names and shapes (architecture, builder arguments, output channels). Scale, task and targets
+#: may change (that is what a new run is for); the input normalisation is the starting model's.
+INIT_FIELDS = ("architecture", "arch_kwargs", "class_names")
 
 
-def initial_weights(source: str | Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], dict]:
+def initial_weights(source: str | Path, config: ModelConfig) -> tuple[dict[str, torch.Tensor], ModelConfig, dict]:
     """Weights of a trained model to start a new training run from (``glas-seg train --init``).
 
     Parameters
@@ -446,6 +451,9 @@ def initial_weights(source: str | Path, config: ModelConfig) -> tuple[dict[str, 
     -------
     state : dict of str to float32 Tensor
         The model's weights, for :func:`train`'s ``init_state``.
+    config : ModelConfig
+        ``config`` with the starting model's input normalisation (``mean``, ``std``): its
+        weights expect their inputs scaled that way.
     record : dict
         ``{"model": name, "sha256": file hash}``, for the new model's training record.
 
@@ -464,11 +472,49 @@ def initial_weights(source: str | Path, config: ModelConfig) -> tuple[dict[str, 
         detail = "; ".join(f"{name} {getattr(start, name)!r} there, {getattr(config, name)!r} here" for name in differ)
         raise GlasSegError(f"{entry.name} cannot start this run: {detail}. Train with its --model and "
                            "--arch-kwargs, or leave --init out")
-    return state, {"model": entry.name, "sha256": file_sha256(entry.path)}
+    config = dataclasses.replace(config, mean=tuple(start.mean), std=tuple(start.std))
+    return state, config, {"model": entry.name, "sha256": file_sha256(entry.path)}
 
 
 def _comparable(value):
     return [_comparable(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+#: Settings kept in a run's saved optimizer state: a resumed run goes on with the saved values
+#: whatever it is given, so a change is refused rather than recorded but not applied.
+FIXED_ON_RESUME = ("learning_rate", "encoder_lr_factor", "optimizer", "weight_decay")
+
+
+def resumable(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a run that :func:`train` resumes."""
+    out_dir = Path(out_dir)
+    return (out_dir / "state.json").is_file() and (out_dir / "last.safetensors").is_file()
+
+
+def check_resume(out_dir: str | Path, settings: TrainSettings) -> None:
+    """GlasSegError when ``out_dir`` holds a run to resume whose :data:`FIXED_ON_RESUME` settings
+    ``settings`` would change. Other settings (iterations, validation, crops, augmentation) may
+    change on resume. A folder without a run, or with an unreadable one, passes (:func:`train`
+    reports the latter)."""
+    if not resumable(out_dir):
+        return
+    try:
+        saved = json.loads((Path(out_dir) / "state.json").read_text())["settings"]
+        defaults = asdict(TrainSettings())
+        changed = [f"{name} {saved.get(name, defaults[name])!r} -> {getattr(settings, name)!r}"
+                   for name in FIXED_ON_RESUME if saved.get(name, defaults[name]) != getattr(settings, name)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    if changed:
+        raise GlasSegError(f"{out_dir} holds a run that this command would resume, but its optimizer keeps its own "
+                           f"settings: {'; '.join(changed)}. Give the run's values, or start a new run with another --out")
+
+
+def check_loader_workers(settings: TrainSettings) -> None:
+    """GlasSegError for loader workers under torchrun (every process draws its own share of a batch)."""
+    if settings.loader_workers and distributed.launched_by_torchrun():
+        raise GlasSegError("loader workers are for single-process training: under torchrun every process draws "
+                           "its own share of the batch itself (docs/cluster.md); leave --loader-workers out")
 
 
 def check_min_size_choice(config: ModelConfig, settings: TrainSettings) -> None:
