@@ -142,8 +142,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .backend.data import dataset_split, load_sample
     from .backend.models import get_architecture
     from .backend.distributed import shutdown
-    from .backend.training import (TrainSettings, check_loader_workers, check_min_size_choice, check_resume,
-                                   initial_weights, resumable, train)
+    from .backend.run_start import check_resume, initial_weights, resumable
+    from .backend.training import TrainSettings, check_loader_workers, check_min_size_choice, train
     from .backend.checkpoint import config_replace
     from .backend.model_schema import check_config, expected_weights
     from .backend.outputs import output_file, output_folder
