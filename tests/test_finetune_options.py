@@ -232,7 +232,7 @@ def test_thread_count_follows_the_environment_then_the_cores(monkeypatch):
     assert threads.default_threads() == 1
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(threads, "physical_cores", lambda: 4)
-    monkeypatch.setattr(threads.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 8)
     monkeypatch.setattr(threads, "busy_cores", lambda: 0)
     assert threads.default_threads() == 4  # physical cores, not the 8 hyper-threads
     monkeypatch.setattr(threads, "busy_cores", lambda: 7)
@@ -240,6 +240,20 @@ def test_thread_count_follows_the_environment_then_the_cores(monkeypatch):
     monkeypatch.setenv("GLAS_SEG_THREADS", "many")
     with pytest.raises(GlasSegError, match="whole number"):
         threads.default_threads()
+
+
+def test_cores_are_those_the_process_may_run_on(monkeypatch):
+    """A process confined to 2 of a machine's CPUs (container, cluster job, taskset) gets at most 2
+    threads, whatever psutil counts on the machine."""
+    monkeypatch.delenv("GLAS_SEG_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {4, 5}, raising=False)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 0)
+    assert threads.usable_cpus() == 2
+    assert threads.physical_cores() <= 2 and threads.default_threads() <= 2
+    monkeypatch.delattr(threads.os, "sched_getaffinity")  # as on macOS / Windows
+    assert threads.usable_cpus() == 64
 
 
 def test_loader_workers_none_on_the_cpu_free_cores_on_a_gpu(monkeypatch):

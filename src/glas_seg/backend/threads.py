@@ -8,7 +8,8 @@ other CPU-bound process running, a fine-tuning step took 2 s with 2 threads and 
 
 1. ``GLAS_SEG_THREADS`` when set (the user's explicit choice), else ``OMP_NUM_THREADS`` when set;
 2. otherwise the number of *physical* cores (psutil when installed, else half the logical
-   CPUs), minus the cores other processes keep busy (the 1-minute load average, rounded), and
+   CPUs) among the CPUs the process may use (its affinity: a container's or cluster job's
+   cpuset), minus the cores other processes keep busy (the 1-minute load average, rounded), and
    at least 1.
 
 On the CPU, data loading stays in the training process (``DataLoader(num_workers=0)``): worker
@@ -25,15 +26,29 @@ from .errors import GlasSegError
 ENV_VAR = "GLAS_SEG_THREADS"
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on: its CPU affinity where the OS has one (a container's
+    or a cluster job's cpuset, ``taskset``), else all of them; at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        return max(1, os.cpu_count() or 1)
+
+
 def physical_cores() -> int:
-    """Physical CPU cores (hyper-threads not counted); at least 1."""
+    """Physical CPU cores (hyper-threads not counted) this process may use; at least 1.
+
+    psutil counts the machine's cores; a process confined to fewer CPUs (container, cluster job)
+    gets at most those.
+    """
     try:
         import psutil
 
         count = psutil.cpu_count(logical=False)
     except ImportError:  # psutil is optional: half the logical CPUs is the usual ratio
         count = None
-    return max(1, count or (os.cpu_count() or 2) // 2)
+    count = count or (os.cpu_count() or 2) // 2
+    return max(1, min(count, usable_cpus()))
 
 
 def _env_threads() -> int | None:
@@ -65,7 +80,7 @@ def default_threads() -> int:
     if explicit is not None:
         return explicit
     cores = physical_cores()
-    return max(1, min(cores, (os.cpu_count() or cores) - busy_cores()))
+    return max(1, min(cores, usable_cpus() - busy_cores()))
 
 
 def use_torch_threads(count: int | None = None) -> int:
