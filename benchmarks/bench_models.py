@@ -158,8 +158,13 @@ def table(results: list[dict]) -> str:
     for r in results:
         t, step = r["training"], r["train_step"]
         gpu_s = f"{gpu[r['name']]:.2f}" if r["name"] in gpu else "not measured"
-        training = (f"{t.get('iterations')} it. in {t.get('wall_seconds', 0) / 60:.0f} min, {t.get('device', '?')}, "
-                    f"{t.get('train_images')} train / {r['validation_images']} val images")
+        start = t.get("initialised_from") or {}
+        if "iterations" in start:  # continued from an earlier model's weights (train --init): both runs
+            done = (f"{start['iterations']} + {t.get('iterations')} it. in {start.get('wall_seconds', 0) / 60:.0f} + "
+                    f"{t.get('wall_seconds', 0) / 60:.0f} min")
+        else:
+            done = f"{t.get('iterations')} it. in {t.get('wall_seconds', 0) / 60:.0f} min"
+        training = f"{done}, {t.get('device', '?')}, {t.get('train_images')} train / {r['validation_images']} val images"
         rows.append(
             f"| `{r['name']}` | `{r['architecture']}` | {r['params'] / 1e6:.2f} M | {r['file_mb']:.1f} MB | "
             f"{r['gflops_512']:.1f} | {r['cpu_s_glas_image']:.2f} | {gpu_s} | "
