@@ -173,3 +173,8 @@ def test_train_can_start_from_a_trained_model(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "d"), *common, "--arch-kwargs", '{"width": 4, "depth": 2}',
                  "--init", str(other), "--export", str(third)]) == 0
     assert tuple(read_config(third).mean) == (0.4, 0.4, 0.4) and tuple(read_config(third).std) == (0.3, 0.3, 0.3)
+    longer = ["2" if i and common[i - 1] == "--iterations" else x for i, x in enumerate(common)]
+    assert main(["train", "--out", str(tmp_path / "d"), *longer, "--arch-kwargs", '{"width": 4, "depth": 2}',
+                 "--export", str(third)]) == 0  # resumed without --init: the normalisation stays the run's
+    last = read_config(tmp_path / "d" / "last.safetensors")
+    assert tuple(last.mean) == (0.4, 0.4, 0.4) and last.training["iterations"] == 2

@@ -252,6 +252,10 @@ def test_cores_are_those_the_process_may_run_on(monkeypatch):
     monkeypatch.setattr(threads, "busy_cores", lambda: 0)
     assert threads.usable_cpus() == 2
     assert threads.physical_cores() <= 2 and threads.default_threads() <= 2
+    monkeypatch.setattr(threads, "physical_cores", lambda: 8)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 40)  # other jobs load the 64-CPU machine
+    assert threads.default_threads() == 3  # this job's 8 CPUs carry 40 x 8 / 64 = 5 of that load
     monkeypatch.delattr(threads.os, "sched_getaffinity")  # as on macOS / Windows
     assert threads.usable_cpus() == 64
 

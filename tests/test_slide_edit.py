@@ -274,3 +274,47 @@ def test_an_interrupted_write_that_cannot_be_finished_is_a_clear_error(store):
     (store / slide_edit.JOURNAL).write_bytes(b"not a journal")
     with pytest.raises(GlasSegError, match="interrupted label edit"):
         read_labels_region(store, (0, 10, 0, 10))
+
+
+def test_a_write_that_fails_puts_the_old_labels_back_at_once(store, monkeypatch):
+    """An ordinary error half-way (a full disk, say) leaves the store as it was right away, not only
+    at its next opening, and no journal behind."""
+    import glas_seg.backend.slide_edit as slide_edit
+
+    before = _raw_level0(store)
+    box, edited = _edit(store)
+
+    real_paint = slide_edit._paint
+
+    def paint_then_fail(group, box, labels):
+        monkeypatch.setattr(slide_edit, "_paint", real_paint)  # putting the old labels back works
+        group["0"][box[0]:box[1], box[2]:box[3]] = labels
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(slide_edit, "_paint", paint_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        write_labels_region(store, box, edited)
+    assert not (store / slide_edit.JOURNAL).exists()
+    np.testing.assert_array_equal(_raw_level0(store), before)  # read without the recovery of open_labels
+    assert_pyramid_follows_level0(store)
+
+
+def test_a_write_under_way_elsewhere_is_not_undone_by_a_reader(store):
+    """A reader (another thread or process) that finds the journal while the writer still holds the
+    store's lock leaves the write alone; once the lock is free, a leftover journal is finished."""
+    from filelock import FileLock
+
+    import glas_seg.backend.slide_edit as slide_edit
+
+    before = _raw_level0(store)
+    box, edited = _edit(store)
+    y0, y1, x0, x1 = box
+    with FileLock(store / slide_edit.LOCK):  # the writer, half-way: journal written, level 0 changed
+        slide_edit._save_journal(store / slide_edit.JOURNAL, box, before[y0:y1, x0:x1], "token")
+        import zarr
+
+        zarr.open_group(str(store), mode="a")["0"][y0:y1, x0:x1] = edited
+        assert slide_edit.finish_interrupted_write(store) is None
+        np.testing.assert_array_equal(read_labels_region(store, box), edited)  # not rolled back under it
+    assert slide_edit.finish_interrupted_write(store) == "undone"  # the writer died: now it is undone
+    np.testing.assert_array_equal(_raw_level0(store), before)

@@ -99,14 +99,18 @@ def test_edit_a_slide_region_and_write_it_back(docked, qtbot, tmp_path):
     paint(region, 10, 30, 10, 40, 3)  # as napari's brush writes: one undoable history item
     shown = drawn(labels, 250, 420, 280, 400)  # read as napari draws it: through its dask cache
     np.testing.assert_array_equal(shown, before[250:420, 280:400])
+    region.mode = "paint"
     edit.write_back()
     # The write runs in a worker thread: until it is done the region cannot be painted or edited.
     assert not region.editable and not edit.write_back_button.enabled
+    edit.labels.value = region
+    edit.undo()
+    assert "being written back" in edit.status.value
     edit.selection.value = "1"
     edit.delete_selected()
     assert "being written back" in edit.status.value
     wait_for_write(qtbot, edit)
-    assert region.editable and edit.write_back_button.enabled
+    assert region.editable and edit.write_back_button.enabled and region.mode == "paint"
     assert "Wrote" in edit.status.value and "refreshed" in edit.status.value, edit.status.value
 
     after = open_labels(store)[0][:]

@@ -149,7 +149,8 @@ class EditWidget(Container):
         self.edit_region_button.changed.connect(self.edit_region)
         self.write_back_button.changed.connect(self.write_back)
         self.write_task = BackgroundTask()
-        self._writing: tuple = (None, True)  # the region layer being written and whether it was editable
+        # The region layer being written back, whether it was editable and its mode (restored after).
+        self._writing: tuple = (None, True, None)
         self.write_task.finished.connect(self._write_finished)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self.reset_choices)
@@ -445,6 +446,9 @@ class EditWidget(Container):
         if not isinstance(layer, Labels):
             self._fail("choose a Labels layer")
             return
+        if layer is self._writing[0]:
+            self._fail(f"{layer.name!r} is being written back to its slide; undo when that has finished")
+            return
         if not getattr(layer, "_undo_history", True):  # napari's Labels history (private)
             self.status.value = "Nothing to undo"
             return
@@ -491,7 +495,7 @@ class EditWidget(Container):
         except GlasSegError as exc:
             self._fail(str(exc))
             return
-        self._writing, layer.editable = (layer, layer.editable), False
+        self._writing, layer.editable = (layer, layer.editable, layer.mode), False
         self.write_back_button.enabled = False
         self.status.value = f"Writing {layer.name} back..."
         self.write_task.start(lambda report, cancel: job(), lambda out: self._written(layer, *out),
@@ -507,10 +511,12 @@ class EditWidget(Container):
                              + (f"; {', '.join(s.name for s in done.refreshed)} refreshed" if done.refreshed else ""))
 
     def _write_finished(self, status: str) -> None:
-        layer, editable = self._writing
-        self._writing = (None, True)
+        layer, editable, mode = self._writing
+        self._writing = (None, True, None)
         if layer is not None:
             layer.editable = editable
+            if editable:
+                layer.mode = mode  # napari switched it to pan/zoom when editing was turned off
         self.write_back_button.enabled = True
         if status == "failed":  # the store is as it was (slide_edit writes all or nothing)
             self.status.value = f"Nothing written: {self.write_task.last_error}"

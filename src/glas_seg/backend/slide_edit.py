@@ -18,8 +18,11 @@ array write the old labels of the box go to an undo journal (:data:`JOURNAL`, wr
 atomically) and the manifest then records the write's token; the journal is deleted last. A
 process killed in between leaves the journal, and the next opening of the store
 (:func:`.slide_segment.open_labels`, a read, a write) finishes the job: when the manifest holds
-the token the write was complete, else the old labels are put back. So a store holds either
-the labels before an edit or after it, never half of it.
+the token the write was complete, else the old labels are put back; a write that fails with an
+ordinary error puts them back at once. So a store holds either the labels before an edit or after
+it, never half of it. A write holds a lock file (:data:`LOCK`, ``filelock``) that other processes
+respect too: a reader that finds the journal of a write still under way (in another thread or
+process) leaves it alone.
 
 Concurrency. Writes in one process are serialised; with ``base`` (the labels as read, or their
 :func:`labels_digest`) a write refuses when the store's region no longer holds them (another
@@ -28,6 +31,7 @@ editor or a new segmentation wrote there since), instead of overwriting their wo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import uuid
@@ -51,8 +55,12 @@ MAX_EDIT_PIXELS = 64_000_000
 
 #: Undo journal of a write in progress, in the store folder (see the module docstring).
 JOURNAL = "pending_write.npz"
+#: Lock file held by a write or a recovery, across threads and processes (``filelock``).
+LOCK = ".write.lock"
+#: How long a write waits for another one to finish before giving up, in seconds.
+LOCK_TIMEOUT = 120
 
-_WRITE_LOCK = threading.RLock()  # re-entered when a write first finishes an interrupted one
+_WRITE_LOCK = threading.Lock()  # writes of this process wait for each other here, not on the lock file
 
 
 @dataclass
@@ -171,95 +179,111 @@ def write_labels_region(store: str | Path, box, labels: np.ndarray, *, base=None
     the manifest (atomically, last). A store whose segmentation has not finished
     (``manifest["complete"]`` false) is refused: the running segmentation would overwrite the table.
     """
-    import zarr
+    from filelock import FileLock, Timeout
 
     store = Path(store)
-    with _WRITE_LOCK:
-        _open_level0(store, "r")  # a glas-seg store, or a clear error
-        group = zarr.open_group(str(store), mode="a")
-        level0 = group["0"]
-        H, W = level0.shape
-        try:
-            y0, y1, x0, x1 = (int(v) for v in box)
-        except (TypeError, ValueError):
-            raise GlasSegError(f"a region box must be 4 integers y0, y1, x0, x1, not {box!r}") from None
-        if not (0 <= y0 < y1 <= H and 0 <= x0 < x1 <= W):
-            raise GlasSegError(f"region box {[y0, y1, x0, x1]} must lie inside the labels ({H} x {W} px)")
-        new = _check_new_labels(labels, (y1 - y0, x1 - x0))
-        current = np.asarray(level0[y0:y1, x0:x1], dtype=np.uint32)
-        if base is not None:
-            unchanged = (base == labels_digest(current) if isinstance(base, str)
-                         else np.asarray(base).shape == current.shape and np.array_equal(np.asarray(base), current))
-            if not unchanged:
-                raise GlasSegError("the labels of this region changed on disk since it was opened (another edit or "
-                                   "a new segmentation wrote there); nothing was written: open the region again and "
-                                   "redo the edit")
-        manifest = json.loads((store / MANIFEST).read_text())
-        if not manifest.get("complete", False):
-            # segment_slide keeps its own table and next id in memory and would overwrite ours.
-            raise GlasSegError("this slide's segmentation has not finished (it is running, or was interrupted): "
-                               "let it finish or resume it, then edit; nothing was written")
-        objects = {int(k): v for k, v in manifest.get("objects", {}).items()}
-        next_id = int(manifest.get("next_id", 1))
+    _open_level0(store, "r")  # a glas-seg store, or a clear error
+    try:
+        with _WRITE_LOCK, FileLock(store / LOCK, timeout=LOCK_TIMEOUT):
+            _finish_locked(store)
+            return _write_locked(store, box, labels, base)
+    except Timeout:
+        raise GlasSegError(f"another write into {store.name} has held it for {LOCK_TIMEOUT} s; nothing was written: "
+                           "try again when it has finished") from None
 
-        before_ids, before_counts = _id_counts(current)
-        # Ids new to the region that name an object elsewhere, or reserved ones: fresh numbers.
-        was_there = set(before_ids.tolist())
-        fresh = [i for i in _id_counts(new)[0].tolist() if i and i not in was_there and (i in objects or i >= next_id)]
-        renamed = {}
-        if fresh:  # sorted (_id_counts), so searchsorted finds each one's new number
-            if next_id + len(fresh) - 1 > np.iinfo(np.uint32).max:
-                raise GlasSegError("the store has no free ids left for the new objects")
-            renamed = {old: next_id + k for k, old in enumerate(fresh)}
-            next_id += len(fresh)
-            old_ids = np.array(fresh, np.uint32)
-            hit = np.isin(new, old_ids)
-            new = new.copy()
-            new[hit] = np.searchsorted(old_ids, new[hit]).astype(np.uint32) + np.uint32(renamed[fresh[0]])
-        changed = int(np.count_nonzero(new != current))
-        if not changed:
-            return RegionWrite(0, {}, [], current)
 
-        # The table first (it reads level 0 only outside the box), then the arrays, the manifest
-        # last: an error in the bookkeeping leaves the store as it was.
-        after_ids, after_counts = _id_counts(new)
-        inside_before = dict(zip(before_ids.tolist(), before_counts.tolist()))
-        inside_after = dict(zip(after_ids.tolist(), after_counts.tolist()))
-        touched = sorted((set(inside_before) | set(inside_after)) - {0})
-        boxes = ndi.find_objects(new) if after_ids.size and after_ids[-1] > 0 else []
-        removed = []
-        for index in touched:
-            entry = objects.get(index)
-            if index in inside_after:
-                s = boxes[index - 1]
-                inner = [y0 + s[0].start, x0 + s[1].start, y0 + s[0].stop, x0 + s[1].stop]
-            else:
-                inner = None
-            old_box = entry.get("box") if entry else None
-            if old_box is not None and not _inside(old_box, (y0, y1, x0, x1)):
-                # The object reaches beyond the region: count its pixels outside, within its old box.
-                outer_area, outer = _outside_part(level0, index, old_box, (y0, y1, x0, x1))
-            else:
-                outer_area, outer = 0, None
-            area = outer_area + inside_after.get(index, 0)
-            if area == 0:
-                if index in objects:
-                    del objects[index]
-                removed.append(index)
-                continue
-            found = [b for b in (inner, outer) if b is not None]
-            merged = [min(b[0] for b in found), min(b[1] for b in found), max(b[2] for b in found),
-                      max(b[3] for b in found)]
-            if entry is None:
-                entry = objects[index] = {"area": 0, "box": None, "p": [0.0, 0]}
-            entry["area"], entry["box"] = int(area), [int(v) for v in merged]
-        token = uuid.uuid4().hex
-        atomic_write(store / JOURNAL, lambda tmp: _save_journal(tmp, (y0, y1, x0, x1), current, token))
+def _write_locked(store: Path, box, labels, base) -> RegionWrite:
+    """:func:`write_labels_region` with the store's locks held."""
+    import zarr
+
+    group = zarr.open_group(str(store), mode="a")
+    level0 = group["0"]
+    H, W = level0.shape
+    try:
+        y0, y1, x0, x1 = (int(v) for v in box)
+    except (TypeError, ValueError):
+        raise GlasSegError(f"a region box must be 4 integers y0, y1, x0, x1, not {box!r}") from None
+    if not (0 <= y0 < y1 <= H and 0 <= x0 < x1 <= W):
+        raise GlasSegError(f"region box {[y0, y1, x0, x1]} must lie inside the labels ({H} x {W} px)")
+    new = _check_new_labels(labels, (y1 - y0, x1 - x0))
+    current = np.asarray(level0[y0:y1, x0:x1], dtype=np.uint32)
+    if base is not None:
+        unchanged = (base == labels_digest(current) if isinstance(base, str)
+                     else np.asarray(base).shape == current.shape and np.array_equal(np.asarray(base), current))
+        if not unchanged:
+            raise GlasSegError("the labels of this region changed on disk since it was opened (another edit or "
+                               "a new segmentation wrote there); nothing was written: open the region again and "
+                               "redo the edit")
+    manifest = json.loads((store / MANIFEST).read_text())
+    if not manifest.get("complete", False):
+        # segment_slide keeps its own table and next id in memory and would overwrite ours.
+        raise GlasSegError("this slide's segmentation has not finished (it is running, or was interrupted): "
+                           "let it finish or resume it, then edit; nothing was written")
+    objects = {int(k): v for k, v in manifest.get("objects", {}).items()}
+    next_id = int(manifest.get("next_id", 1))
+
+    before_ids, before_counts = _id_counts(current)
+    # Ids new to the region that name an object elsewhere, or reserved ones: fresh numbers.
+    was_there = set(before_ids.tolist())
+    fresh = [i for i in _id_counts(new)[0].tolist() if i and i not in was_there and (i in objects or i >= next_id)]
+    renamed = {}
+    if fresh:  # sorted (_id_counts), so searchsorted finds each one's new number
+        if next_id + len(fresh) - 1 > np.iinfo(np.uint32).max:
+            raise GlasSegError("the store has no free ids left for the new objects")
+        renamed = {old: next_id + k for k, old in enumerate(fresh)}
+        next_id += len(fresh)
+        old_ids = np.array(fresh, np.uint32)
+        hit = np.isin(new, old_ids)
+        new = new.copy()
+        new[hit] = np.searchsorted(old_ids, new[hit]).astype(np.uint32) + np.uint32(renamed[fresh[0]])
+    changed = int(np.count_nonzero(new != current))
+    if not changed:
+        return RegionWrite(0, {}, [], current)
+
+    # The table first (it reads level 0 only outside the box), then the arrays, the manifest
+    # last: an error in the bookkeeping leaves the store as it was.
+    after_ids, after_counts = _id_counts(new)
+    inside_before = dict(zip(before_ids.tolist(), before_counts.tolist()))
+    inside_after = dict(zip(after_ids.tolist(), after_counts.tolist()))
+    touched = sorted((set(inside_before) | set(inside_after)) - {0})
+    boxes = ndi.find_objects(new) if after_ids.size and after_ids[-1] > 0 else []
+    removed = []
+    for index in touched:
+        entry = objects.get(index)
+        if index in inside_after:
+            s = boxes[index - 1]
+            inner = [y0 + s[0].start, x0 + s[1].start, y0 + s[0].stop, x0 + s[1].stop]
+        else:
+            inner = None
+        old_box = entry.get("box") if entry else None
+        if old_box is not None and not _inside(old_box, (y0, y1, x0, x1)):
+            # The object reaches beyond the region: count its pixels outside, within its old box.
+            outer_area, outer = _outside_part(level0, index, old_box, (y0, y1, x0, x1))
+        else:
+            outer_area, outer = 0, None
+        area = outer_area + inside_after.get(index, 0)
+        if area == 0:
+            if index in objects:
+                del objects[index]
+            removed.append(index)
+            continue
+        found = [b for b in (inner, outer) if b is not None]
+        merged = [min(b[0] for b in found), min(b[1] for b in found), max(b[2] for b in found),
+                  max(b[3] for b in found)]
+        if entry is None:
+            entry = objects[index] = {"area": 0, "box": None, "p": [0.0, 0]}
+        entry["area"], entry["box"] = int(area), [int(v) for v in merged]
+    token = uuid.uuid4().hex
+    atomic_write(store / JOURNAL, lambda tmp: _save_journal(tmp, (y0, y1, x0, x1), current, token))
+    try:
         _paint(group, (y0, y1, x0, x1), new)
         manifest.update(next_id=next_id, objects={str(k): v for k, v in sorted(objects.items())}, write=token)
         _write_manifest(store, manifest)
-        (store / JOURNAL).unlink()
-        return RegionWrite(changed, renamed, removed, new)
+    except Exception:
+        _finish_locked(store)  # a full disk, say: the old labels back now, not at the next opening
+        raise
+    (store / JOURNAL).unlink(missing_ok=True)
+    return RegionWrite(changed, renamed, removed, new)
 
 
 def _paint(group, box, labels: np.ndarray) -> None:
@@ -296,28 +320,41 @@ def finish_interrupted_write(store: str | Path) -> str | None:
     GlasSegError
         The journal cannot be read, or the store cannot be written to put the old labels back.
     """
+    from filelock import FileLock, Timeout
+
     store = Path(store)
+    if not (store / JOURNAL).is_file():
+        return None
+    try:
+        with FileLock(store / LOCK, timeout=0):
+            return _finish_locked(store)
+    except Timeout:  # a write under way (this process's worker thread, or another process): not interrupted
+        return None
+    except OSError as exc:  # the lock file cannot be made: a read-only store
+        raise GlasSegError(f"{store} holds an interrupted label edit ({JOURNAL}) that could not be finished "
+                           f"({type(exc).__name__}: {exc}); the store may be read-only") from None
+
+
+def _finish_locked(store: Path) -> str | None:
+    """:func:`finish_interrupted_write` with the store's lock held."""
+    import zarr
+
     journal = store / JOURNAL
     if not journal.is_file():
         return None
-    import zarr
-
-    with _WRITE_LOCK:
-        if not journal.is_file():  # another thread finished it meanwhile
-            return None
-        try:
-            with np.load(journal, allow_pickle=False) as saved:
-                box, old, token = tuple(int(v) for v in saved["box"]), saved["old"], str(saved["token"])
-            manifest = json.loads((store / MANIFEST).read_text())
-            if manifest.get("write") == token:
-                outcome = "completed"
-            else:
-                _paint(zarr.open_group(str(store), mode="a"), box, old)
-                outcome = "undone"
-            journal.unlink()
-        except (OSError, ValueError, KeyError) as exc:
-            raise GlasSegError(f"{store} holds an interrupted label edit ({JOURNAL}) that could not be finished "
-                               f"({type(exc).__name__}: {exc}); the store may be read-only") from None
+    try:
+        with np.load(journal, allow_pickle=False) as saved:
+            box, old, token = tuple(int(v) for v in saved["box"]), saved["old"], str(saved["token"])
+        manifest = json.loads((store / MANIFEST).read_text())
+        if manifest.get("write") == token:
+            outcome = "completed"
+        else:
+            _paint(zarr.open_group(str(store), mode="a"), box, old)
+            outcome = "undone"
+        journal.unlink()
+    except (OSError, ValueError, KeyError) as exc:
+        raise GlasSegError(f"{store} holds an interrupted label edit ({JOURNAL}) that could not be finished "
+                           f"({type(exc).__name__}: {exc}); the store may be read-only") from None
     return outcome
 
 

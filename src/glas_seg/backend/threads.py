@@ -79,8 +79,10 @@ def default_threads() -> int:
     explicit = _env_threads()
     if explicit is not None:
         return explicit
-    cores = physical_cores()
-    return max(1, min(cores, usable_cpus() - busy_cores()))
+    cores, usable = physical_cores(), usable_cpus()
+    # The load average is the whole machine's: a process confined to some of its CPUs counts its share.
+    busy = round(busy_cores() * usable / max(usable, os.cpu_count() or usable))
+    return max(1, min(cores, usable - busy))
 
 
 def use_torch_threads(count: int | None = None) -> int:

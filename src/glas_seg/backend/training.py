@@ -313,8 +313,9 @@ def train(
             optimizer.load_state_dict(extra["optimizer"])
             scheduler.load_state_dict(extra["scheduler"])
             state = TrainState(**json.loads(state_file.read_text())["state"])
-            # Where the run started from is the first command's to record, not this one's.
-            config = dataclasses.replace(config, training={
+            # Where the run started from, and the input normalisation that came with it (--init),
+            # are the first command's, not this one's.
+            config = dataclasses.replace(config, mean=saved_config.mean, std=saved_config.std, training={
                 **{k: v for k, v in config.training.items() if k != "initialised_from"},
                 **{k: v for k, v in saved_config.training.items() if k == "initialised_from"}})
         except (pickle.UnpicklingError, EOFError, OSError, KeyError, TypeError, ValueError, RuntimeError) as exc:
