@@ -123,22 +123,22 @@ def read_labels_region(store: str | Path, box, *, max_pixels: int | None = MAX_E
     max_pixels : int, optional
         Refuse a larger region (default :data:`MAX_EDIT_PIXELS`; None: no limit).
     """
-    level0 = _open_level0(store, "r")
+    level0 = _open_level0(store)
     y0, y1, x0, x1 = clip_box(level0.shape, box)
     _check_size((y0, y1, x0, x1), max_pixels)
     return np.asarray(level0[y0:y1, x0:x1], dtype=np.uint32)
 
 
-def _open_level0(store, mode: str):
-    store = Path(store)
+def _check_store(store: Path) -> None:
     if not (store / MANIFEST).is_file():
         raise GlasSegError(f"{store} is not a glas-seg label store (no {MANIFEST})")
-    finish_interrupted_write(store)
-    if mode == "r":
-        return open_labels(store)[0]
-    import zarr
 
-    return zarr.open_group(str(store), mode=mode)["0"]
+
+def _open_level0(store):
+    """Level 0 of a store, read-only (an interrupted write finished first, by :func:`open_labels`)."""
+    store = Path(store)
+    _check_store(store)
+    return open_labels(store)[0]
 
 
 def _check_new_labels(labels, shape) -> np.ndarray:
@@ -182,7 +182,7 @@ def write_labels_region(store: str | Path, box, labels: np.ndarray, *, base=None
     from filelock import FileLock, Timeout
 
     store = Path(store)
-    _open_level0(store, "r")  # a glas-seg store, or a clear error
+    _check_store(store)
     try:
         with _WRITE_LOCK, FileLock(store / LOCK, timeout=LOCK_TIMEOUT):
             _finish_locked(store)
@@ -331,8 +331,7 @@ def finish_interrupted_write(store: str | Path) -> str | None:
     except Timeout:  # a write under way (this process's worker thread, or another process): not interrupted
         return None
     except OSError as exc:  # the lock file cannot be made: a read-only store
-        raise GlasSegError(f"{store} holds an interrupted label edit ({JOURNAL}) that could not be finished "
-                           f"({type(exc).__name__}: {exc}); the store may be read-only") from None
+        raise _unfinished(store, exc) from None
 
 
 def _finish_locked(store: Path) -> str | None:
@@ -353,9 +352,13 @@ def _finish_locked(store: Path) -> str | None:
             outcome = "undone"
         journal.unlink()
     except (OSError, ValueError, KeyError) as exc:
-        raise GlasSegError(f"{store} holds an interrupted label edit ({JOURNAL}) that could not be finished "
-                           f"({type(exc).__name__}: {exc}); the store may be read-only") from None
+        raise _unfinished(store, exc) from None
     return outcome
+
+
+def _unfinished(store: Path, exc: Exception) -> GlasSegError:
+    return GlasSegError(f"{store} holds an interrupted label edit ({JOURNAL}) that could not be finished "
+                        f"({type(exc).__name__}: {exc}); the store may be read-only")
 
 
 def _id_counts(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
