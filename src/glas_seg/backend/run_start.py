@@ -80,9 +80,9 @@ def resumable(out_dir: str | Path) -> bool:
 
 def check_resume(out_dir: str | Path, settings) -> None:
     """GlasSegError when ``out_dir`` holds a run to resume whose :data:`FIXED_ON_RESUME` settings
-    ``settings`` (a :class:`.training.TrainSettings`) would change. Other settings (iterations, validation, crops, augmentation) may
-    change on resume. A folder without a run, or with an unreadable one, passes (:func:`train`
-    reports the latter)."""
+    ``settings`` (a :class:`.training.TrainSettings`) would change. Other settings (iterations,
+    validation, crops, augmentation) may change on resume. A folder without a run, or with an
+    unreadable one, passes (:func:`.training.train` reports the latter)."""
     if not resumable(out_dir):
         return
     try:
