@@ -51,6 +51,20 @@ def test_unknown_encoder_is_refused_by_name():
         build_architecture("efficientnet_unet", encoder="lite9")
 
 
+def test_drop_path_skips_encoder_blocks_in_training_only():
+    plain = build_architecture("efficientnet_unet", decoder_channels=(16, 16, 8, 8, 8))
+    dropping = build_architecture("efficientnet_unet", decoder_channels=(16, 16, 8, 8, 8), drop_path=0.3)
+    assert plain.state_dict().keys() == dropping.state_dict().keys()  # the same file either way
+    dropping.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(dropping.eval()(x), plain.eval()(x))
+        torch.manual_seed(0)
+        assert not torch.allclose(dropping.train()(x), plain.train()(x))
+    with pytest.raises(GlasSegError, match="drop_path"):
+        build_architecture("efficientnet_unet", drop_path=1.0)
+
+
 def test_registry_facts():
     spec = get_architecture("efficientnet_unet")
     assert not spec.predicts_instances and spec.pretrained_encoder

@@ -72,20 +72,22 @@ class EfficientNetUNet(nn.Module):
     size_multiple = 32
 
     def __init__(self, num_classes: int = 3, decoder_channels: tuple[int, ...] = (128, 64, 48, 32, 16),
-                 encoder: str = "lite0") -> None:
+                 encoder: str = "lite0", drop_path: float = 0.0) -> None:
         super().__init__()
         import segmentation_models_pytorch as smp
 
         self.encoder_name = _check_encoder(encoder)
+        # drop_path reaches timm.create_model through smp's encoder keyword arguments; it adds
+        # no weights, so files with and without it have the same tensors.
         self.net = smp.Unet(f"tu-{_timm_name(encoder)}", encoder_weights=None, classes=num_classes,
-                            decoder_channels=tuple(decoder_channels))
+                            decoder_channels=tuple(decoder_channels), drop_path_rate=drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
 
 def efficientnet_unet(num_classes: int = 3, decoder_channels: tuple[int, ...] = (128, 64, 48, 32, 16),
-                      encoder: str = "lite0") -> EfficientNetUNet:
+                      encoder: str = "lite0", drop_path: float = 0.0) -> EfficientNetUNet:
     """Build the network (random weights; see :func:`imagenet_encoder_state` for pretraining).
 
     Parameters
@@ -96,6 +98,11 @@ def efficientnet_unet(num_classes: int = 3, decoder_channels: tuple[int, ...] = 
         Channels of the decoder blocks, deepest first.
     encoder : {"lite0", "lite2"}
         EfficientNet-Lite variant of the encoder.
+    drop_path : float in [0, 1)
+        Stochastic depth of the encoder (timm's ``drop_path_rate``): during training each residual
+        block is skipped with a probability rising linearly to this value in the last block, a
+        regulariser for small training sets (0.2 in EfficientNet's own ImageNet training). No
+        effect at inference.
 
     Returns
     -------
@@ -105,7 +112,9 @@ def efficientnet_unet(num_classes: int = 3, decoder_channels: tuple[int, ...] = 
     """
     if len(decoder_channels) != 5 or min(decoder_channels) < 1:
         raise ValueError(f"decoder_channels must be 5 positive ints, got {decoder_channels!r}")
-    return EfficientNetUNet(num_classes, tuple(int(c) for c in decoder_channels), encoder)
+    if not 0.0 <= drop_path < 1.0:
+        raise ValueError(f"drop_path must be in [0, 1), got {drop_path!r}")
+    return EfficientNetUNet(num_classes, tuple(int(c) for c in decoder_channels), encoder, float(drop_path))
 
 
 def imagenet_weights_path(encoder: str = "lite0") -> Path:
