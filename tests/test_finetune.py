@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import hashlib
 import tempfile
 import threading
@@ -14,9 +15,10 @@ import pytest
 import torch
 
 from glas_seg.backend import finetune as finetune_module
+from glas_seg.backend import training as training_module
 from glas_seg.backend import model_store
 from glas_seg.backend.checkpoint import ModelConfig, load_state, read_config, save_model
-from glas_seg.backend.data import Sample
+from glas_seg.backend.data import PatchDataset, Sample
 from glas_seg.backend.finetune import (
     FinetuneSettings, finetune, masks_from_polygons, samples_from_arrays, samples_from_folders,
 )
@@ -207,6 +209,57 @@ def test_taken_name_fails_before_training(base):
         finetune(str(base), [], "new", FinetuneSettings(**FAST))
     with pytest.raises(ValueError, match="validation share"):
         FinetuneSettings(val_fraction=1.5)
+
+
+def test_a_finetune_never_replaces_its_base(base):
+    first = finetune(str(base), [synthetic_sample("a", 0)], "mine", FinetuneSettings(**{**FAST, "iterations": 1}))
+    before = digest(first.entry.path)
+    with pytest.raises(ValueError, match="is the base model"):
+        finetune("mine", [synthetic_sample("a", 0)], "mine", FinetuneSettings(**FAST), overwrite=True)
+    assert digest(first.entry.path) == before
+    finetune("mine", [synthetic_sample("a", 0)], "mine-2", FinetuneSettings(**{**FAST, "iterations": 1}))
+
+
+def test_a_validation_share_needs_two_images(base):
+    with pytest.raises(ValueError, match="at least 2 corrected images"):
+        finetune(str(base), [synthetic_sample("a", 0)], "one", FinetuneSettings(**FAST, val_fraction=0.5))
+
+
+def test_held_back_regions_are_scored_only_inside(monkeypatch):
+    """A gland outside the corrected region is neither right nor wrong on a held-back image."""
+    truth = np.zeros((96, 96), np.int32)
+    truth[10:30, 10:30], truth[60:80, 60:80] = 1, 2
+    region = np.zeros((96, 96), bool)
+    region[:40, :40] = region[50:, 50:85] = True
+    region[40:50, :] = False
+    image = np.zeros((96, 96, 3), np.float32)
+    samples = [Sample("a", image, truth), Sample("b", image, truth)]
+    _, _, held, held_masks = finetune_module._split(samples, [region, region], 0.5, seed=0)
+    assert held_masks[0].shape == held[0].labels.shape
+    found = np.zeros((96, 96), np.int32)
+    found[10:30, 10:30], found[60:80, 60:80], found[85:95, 5:15] = 1, 2, 3  # 3: outside the region
+
+    class Found:
+        labels = found[tuple(slice(0, n) for n in held[0].labels.shape)]
+
+    monkeypatch.setattr(training_module, "segment", lambda model, image: Found)
+    assert training_module.evaluate(None, held, held_masks)["object_f1_pooled"] == 1.0
+    assert training_module.evaluate(None, held)["object_f1_pooled"] < 1.0  # unmasked, 3 counts as false
+
+
+def test_stored_metrics_are_json_whatever_the_scores():
+    stored = training_module.rounded_metrics({"object_f1": 0.123456, "object_hausdorff": float("inf")})
+    assert stored == {"object_f1": 0.1235, "object_hausdorff": None}
+
+
+def test_crops_land_on_small_corrected_regions():
+    """Crops of a large image with a small corrected region hold corrected pixels, so batches teach."""
+    big = disc_sample("big", 0, 400, count=8, margin=20, radii=(6, 12))
+    region = np.zeros((400, 400), bool)
+    region[300:340, 30:70] = True
+    dataset = PatchDataset([big], 64, (0.5,) * 3, (0.5,) * 3, augment=True, seed=0, valid_masks=[region])
+    crops = [target for _, target in itertools.islice(iter(dataset), 40)]
+    assert all((target >= 0).any() for target in crops)
 
 
 @pytest.mark.parametrize("when", [2, 6])

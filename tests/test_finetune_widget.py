@@ -138,6 +138,16 @@ def test_input_problems_are_messages_not_crashes(viewer_with_sample, tiny_base):
     finetune.pair_rows[0].labels_layer.value = empty
     finetune.run()
     assert "no labels" in finetune.status.value and not finetune.task.running
+    wrong_size = viewer.add_labels(np.ones((50, 60), np.int32), name="wrong size")
+    finetune.pair_rows[0].labels_layer.value = wrong_size
+    finetune.run()
+    assert "does not have the size" in finetune.status.value and not finetune.task.running
+    # A whole slide (multi-resolution) is refused before its full-resolution level is read.
+    pyramid = viewer.add_image([image.data, image.data[::2, ::2]], rgb=True, multiscale=True, name="slide")
+    finetune.pair_rows[0].image_layer.value = pyramid
+    finetune.pair_rows[0].labels_layer.value = corrected
+    finetune.run()
+    assert "whole-slide" in finetune.status.value and not finetune.task.running
 
 
 def test_store_changes_reach_the_segment_dropdown(make_napari_viewer, qtbot, tiny_base):

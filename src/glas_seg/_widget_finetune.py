@@ -97,9 +97,24 @@ def shape_regions(shapes: Shapes, labels: Labels) -> list[np.ndarray]:
     return regions
 
 
+def _check_pair_layers(image, labels) -> None:
+    """ValueError for a pair that cannot be read whole, checked before anything is copied.
+
+    A multi-resolution layer is a whole slide (the plugin's reader, the slide widget's labels):
+    copying its full-resolution level would freeze the viewer and may not fit in memory.
+    """
+    for layer in (image, labels):
+        if getattr(layer, "multiscale", False):
+            raise ValueError(f"{layer.name!r} is a whole-slide (multi-resolution) layer: fine-tuning reads single "
+                             "images; save the corrected region as its own image and Labels layers and pick those")
+    plane = tuple(image.data.shape[:-1] if image.rgb else image.data.shape)
+    if tuple(labels.data.shape) != plane:
+        raise ValueError(f"{labels.name!r} ({'x'.join(map(str, labels.data.shape))}) does not have the size of "
+                         f"{image.name!r} ({'x'.join(map(str, plane))})")
+
+
 def _plane_data(layer) -> np.ndarray:
-    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-    return np.array(data, copy=True)  # a snapshot: the user may keep editing while training runs
+    return np.array(layer.data, copy=True)  # a snapshot: the user may keep editing while training runs
 
 
 class FinetuneWidget(Container):
@@ -302,6 +317,7 @@ class FinetuneWidget(Container):
                 raise ValueError("Each pair needs both an image layer and a Labels layer")
             if image not in self.viewer.layers or labels not in self.viewer.layers:
                 raise ValueError(f"Layer {image.name!r} or {labels.name!r} is no longer open")
+            _check_pair_layers(image, labels)
             regions = shape_regions(shapes, labels) if shapes is not None else None
             pair_samples, pair_masks = samples_from_arrays(
                 image.name, _plane_data(image), _plane_data(labels), bool(image.rgb), regions)

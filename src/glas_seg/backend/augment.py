@@ -91,6 +91,10 @@ class Augmenter:
             v2.RandomApply([v2.GaussianNoise(sigma=0.02 * s)], p=0.2 * s),
         ])
 
+    def margin(self) -> int:
+        """Extra pixels on each side of the first crop, so that rotations bring in no empty corners."""
+        return int(self.crop_size * 0.25) if self.strength > 0 else 0
+
     def random_crop(self, image: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         size = self.crop_size
         pad_h, pad_w = max(0, size - image.shape[0]), max(0, size - image.shape[1])
@@ -115,8 +119,7 @@ class Augmenter:
         image : ndarray of float32, shape ``(crop, crop, 3)``
         labels : ndarray of int32, shape ``(crop, crop)``
         """
-        # Crop a margin larger than the output first so rotations do not bring in empty corners.
-        margin = int(self.crop_size * 0.25) if self.strength > 0 else 0
+        margin = self.margin()
         size, self.crop_size = self.crop_size, self.crop_size + 2 * margin
         image, labels = self.random_crop(image, labels)
         self.crop_size = size

@@ -111,7 +111,12 @@ def model_mpp(config: ModelConfig) -> float:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``, so readers never see half a file."""
+    """Call ``write(tmp_path)`` then rename over ``path``, so readers never see half a file.
+
+    The new file's bytes reach the disk before the rename, and the rename before this returns
+    (``fsync`` of the file, then of its folder): after a power cut ``path`` holds the old file
+    or the new one, never an empty one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -121,10 +126,29 @@ def atomic_write(path: Path, write) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync(path.parent, folder=True)
+
+
+def _fsync(path, folder: bool = False) -> None:
+    """Flush a file (or a folder's entries) to the disk; folders cannot be opened on Windows."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    except OSError:
+        if folder:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not folder:  # some file systems refuse fsync on folders; the file's own flush is what matters
+            raise
+    finally:
+        os.close(fd)
 
 
 def save_model(path: str | Path, model: torch.nn.Module, config: ModelConfig, half: bool = False) -> Path:

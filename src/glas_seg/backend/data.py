@@ -218,6 +218,26 @@ class PatchDataset(torch.utils.data.IterableDataset):
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self._known_pixels: dict[int, np.ndarray] = {}  # flat indices of corrected pixels, per sample
+
+    def _window_on_known(self, index: int) -> tuple[slice, slice]:
+        """Where to crop sample ``index`` so that the crop holds corrected pixels.
+
+        A random crop of a large image with a small corrected region would mostly see
+        unknown pixels, which the loss ignores (a batch of them teaches nothing). The window is
+        the augmenter's crop with its rotation margin, centred on a random corrected pixel and
+        moved inside the image; the augmenter then crops all of it.
+        """
+        mask = self.valid_masks[index]
+        if index not in self._known_pixels:
+            self._known_pixels[index] = np.flatnonzero(mask)
+        known = self._known_pixels[index]
+        if known.size in (0, mask.size):  # nothing, or everything, corrected: the augmenter's own crop
+            return slice(None), slice(None)
+        side = self.augmenter.crop_size + 2 * self.augmenter.margin()
+        centre = np.unravel_index(known[self.rng.integers(known.size)], mask.shape)
+        return tuple(slice(start, start + side) for start in
+                     (int(np.clip(c - side // 2, 0, max(0, n - side))) for c, n in zip(centre, mask.shape)))
 
     def reseeded(self, seed) -> "PatchDataset":
         """The same dataset drawing from ``seed`` (an int or a ``numpy.random.SeedSequence``, as
@@ -246,7 +266,11 @@ class PatchDataset(torch.utils.data.IterableDataset):
             # regions, padding and the corners a rotation brings in; the loss ignores them (-1).
             known = self.valid_masks[i] if self.valid_masks is not None else True
             shifted = np.where(known, sample.labels.astype(np.int64) + 1, 0)
-            image, shifted = self.augmenter(sample.image, shifted)
+            image = sample.image
+            if self.valid_masks is not None:
+                window = self._window_on_known(i)
+                image, shifted = image[window], shifted[window]
+            image, shifted = self.augmenter(image, shifted)
             if self.glass > 0 and self.rng.random() < self.glass:
                 image, on_glass = glass_edge(image, self.rng)
                 if self.glass_fill > 0 and self.rng.random() < self.glass_fill:

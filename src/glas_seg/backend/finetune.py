@@ -36,7 +36,7 @@ from .registry import LoadedModel, ModelEntry, build_network, find_model, pick_d
 from .settings import FinetuneSettings  # noqa: F401 (defined without torch, for the CLI and API)
 from .stacks import all_planes, leading_shape
 from .threads import use_torch_threads
-from .training import TrainSettings, evaluate, train
+from .training import TrainSettings, evaluate, rounded_metrics, train
 
 
 @dataclass
@@ -186,26 +186,34 @@ def samples_from_folders(images_dir, labels_dir=None) -> list[Sample]:
 
 
 def _split(samples, masks, val_fraction: float, seed: int):
+    """(training samples, their masks, held-back samples, their masks) for a validation share."""
     n = len(samples)
-    n_val = 0 if val_fraction <= 0 or n < 2 else min(n - 1, max(1, round(n * val_fraction)))
+    if val_fraction > 0 and n < 2:
+        raise GlasSegError("holding images back to validate needs at least 2 corrected images (one of them still "
+                           "trains): add another image or set the validation share to 0")
+    n_val = 0 if val_fraction <= 0 else min(n - 1, max(1, round(n * val_fraction)))
     order = np.random.default_rng(seed).permutation(n)
     val_idx, train_idx = sorted(order[:n_val]), sorted(order[n_val:])
     train = [samples[i] for i in train_idx]
     train_masks = [masks[i] for i in train_idx] if masks is not None else None
-    val = [_restrict(samples[i], masks[i] if masks is not None else None) for i in val_idx]
-    return train, train_masks, val
+    held = [_restrict(samples[i], masks[i] if masks is not None else None) for i in val_idx]
+    return train, train_masks, [sample for sample, _ in held], [mask for _, mask in held]
 
 
-def _restrict(sample: Sample, mask: np.ndarray | None) -> Sample:
-    """A validation sample limited to the bounding box of its trusted region."""
+def _restrict(sample: Sample, mask: np.ndarray | None) -> tuple[Sample, np.ndarray | None]:
+    """A held-back sample cut to the bounding box of its corrected region, and the region in that box.
+
+    Objects are then scored only inside the region (:func:`.training.evaluate`): outside it the
+    labels were never corrected, so a gland found there is neither right nor wrong.
+    """
     if mask is None:
-        return sample
+        return sample, None
     box = bounding_box(mask)
     if min(box[0].stop - box[0].start, box[1].stop - box[1].start) < 32:
         raise GlasSegError(f"{sample.name}: its corrected region is too small to validate on (under 32 pixels a side); "
                          "set the validation share to 0 or draw larger regions")
     labels = np.where(mask, sample.labels, 0)[box]
-    return Sample(sample.name, sample.image[box], labels)
+    return Sample(sample.name, sample.image[box], labels), mask[box]
 
 
 # -- fine-tuning ---------------------------------------------------------------------------------
@@ -270,11 +278,14 @@ def finetune(
         if len(valid_masks) != len(samples) or any(m.shape != s.labels.shape for m, s in zip(valid_masks, samples)):
             raise GlasSegError("Give one region mask per image, each of the image's height and width")
     base_entry = find_model(base)
+    if overwrite and model_store.model_path(name).resolve() == base_entry.path.resolve():
+        raise GlasSegError(f"{name!r} is the base model: a fine-tune never replaces the model it starts from; "
+                           "give the new model another name")
     state, base_config = load_state(base_entry.path)
     if val_samples is None:
-        train_samples, train_masks, val = _split(samples, valid_masks, settings.val_fraction, settings.seed)
+        train_samples, train_masks, val, val_masks = _split(samples, valid_masks, settings.val_fraction, settings.seed)
     else:
-        train_samples, train_masks, val = samples, valid_masks, list(val_samples)
+        train_samples, train_masks, val, val_masks = samples, valid_masks, list(val_samples), None
 
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     config = config_replace(
@@ -314,7 +325,7 @@ def finetune(
     try:
         if val:
             network = build_network(base_config, state, base_entry.path.name)
-            before = evaluate(LoadedModel(network.to(device).eval(), base_config, device), val)
+            before = evaluate(LoadedModel(network.to(device).eval(), base_config, device), val, val_masks, cancel)
             network = None
             record({"iteration": 0, "total": settings.iterations, **before})
         if layers == "none":
@@ -322,7 +333,7 @@ def finetune(
         else:
             with tempfile.TemporaryDirectory(prefix="glas-seg-finetune-") as run_dir:
                 loaded, _ = train(config, train_settings, train_samples, val, run_dir, init_state=state,
-                                  valid_masks=train_masks, progress=record, cancel=cancel)
+                                  valid_masks=train_masks, progress=record, cancel=cancel, val_masks=val_masks)
                 if val:  # keep the checkpoint the user's held-back images liked best, not the last
                     best_iteration, after = _best_validation(history, before)
                     # Iteration 0 is the base model: when no checkpoint beat it, its weights are kept.
@@ -342,7 +353,7 @@ def finetune(
                                        min_size=calibration.min_size)
                 if val:  # the user's held-back images decide, as they do for the weights
                     reference = after if after is not None else before
-                    scored = evaluate(LoadedModel(loaded.network, tuned, device), val)
+                    scored = evaluate(LoadedModel(loaded.network, tuned, device), val, val_masks, cancel)
                     chosen = scored["object_f1"] >= reference["object_f1"]
                     after = scored if chosen else reference
                 if chosen:
@@ -374,8 +385,8 @@ def finetune(
                 **thresholds, "best_on_train_images": [calibration.interior_threshold, calibration.foreground_threshold,
                                                       calibration.min_size],
                 "on_train_images_before": calibration.before, "on_train_images_after": calibration.after},
-            "validation_before": _rounded(before),
-            "validation": _rounded(after),
+            "validation_before": rounded_metrics(before),
+            "validation": rounded_metrics(after),
         }
         entry = model_store.save_user_model(loaded.network, config_replace(config, training=training), overwrite)
     finally:
@@ -446,6 +457,3 @@ def format_thresholds(result: FinetuneResult) -> str:
     return (f"Thresholds chosen on the corrected images: {pair}" if t["chosen"]
             else f"Thresholds kept ({pair}): none scored better on the corrected images or the held-back ones")
 
-
-def _rounded(metrics: dict | None) -> dict | None:
-    return None if metrics is None else {k: round(float(v), 4) for k, v in metrics.items()}

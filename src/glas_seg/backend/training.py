@@ -179,8 +179,19 @@ def training_loss(output, target: torch.Tensor, settings: TrainSettings) -> torc
     return loss
 
 
-def evaluate(model: LoadedModel, samples: list[Sample]) -> dict[str, float]:
+def evaluate(model: LoadedModel, samples: list[Sample], masks: list[np.ndarray | None] | None = None,
+             cancel=None) -> dict[str, float]:
     """Segment full-resolution samples and score them.
+
+    Parameters
+    ----------
+    model : LoadedModel
+    samples : list of Sample
+    masks : list of (bool ndarray ``(H, W)`` or None), optional
+        Per sample, where its labels were corrected (fine-tuning's held-back regions): objects
+        are scored only there, predictions elsewhere are cleared as the labels are.
+    cancel : threading.Event or callable, optional
+        Checked before every image; :class:`Cancelled` is raised when set.
 
     Returns
     -------
@@ -189,8 +200,13 @@ def evaluate(model: LoadedModel, samples: list[Sample]) -> dict[str, float]:
     ``object_hausdorff`` (pixels; ``inf`` when some image has objects on one side only).
     """
     dices, f1s, matches = [], [], []
-    for sample in samples:
+    masks = [None] * len(samples) if masks is None else masks
+    for sample, mask in zip(samples, masks, strict=True):
+        if _should_stop(cancel):
+            raise Cancelled()
         labels = segment(model, sample.image).labels
+        if mask is not None:
+            labels = np.where(mask, labels, 0)
         image_matches = match_stack(labels, sample.labels)
         matches += image_matches
         f1s.append(object_scores(image_matches)["object_f1"])
@@ -254,6 +270,7 @@ def train(
     valid_masks: list[np.ndarray] | None = None,
     progress: Callable[[dict], None] | None = None,
     cancel=None,
+    val_masks: list[np.ndarray | None] | None = None,
 ) -> tuple[LoadedModel, TrainState]:
     """Train (or resume training) a model and keep its best checkpoint.
 
@@ -269,6 +286,8 @@ def train(
         Starting weights (fine-tuning); ignored when resuming.
     valid_masks : list of bool ndarray, optional
         Per training sample, where its labels are trustworthy; elsewhere the loss ignores pixels.
+    val_masks : list of (bool ndarray or None), optional
+        Per validation sample, where its labels hold (:func:`evaluate`).
     progress : callable(dict), optional
         Called after every iteration with ``iteration``, ``total``, ``loss``, ``lr`` and, after
         each validation, the validation metrics.
@@ -404,8 +423,12 @@ def train(
         pull.step(scheduler.get_last_lr()[0])
         scheduler.step()
         state.iteration += 1
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        event = {"iteration": state.iteration, "total": settings.iterations, "loss": running,
+        value = loss.item()
+        # A batch whose crops are all unknown pixels (fine-tuning on small regions) has a NaN
+        # loss and zero gradients: it teaches nothing and must not poison the running mean.
+        if math.isfinite(value):
+            running = value if running is None else 0.95 * running + 0.05 * value
+        event = {"iteration": state.iteration, "total": settings.iterations, "loss": running if running is not None else value,
                  "lr": scheduler.get_last_lr()[0]}
         at_eval = state.iteration % settings.eval_every == 0 or state.iteration == settings.iterations
         if at_eval:
@@ -417,7 +440,7 @@ def train(
                     validated = dataclasses.replace(config, min_size=choice["min_size"],
                                                     training={**config.training, "min_size_choice": choice})
                     event["min_size"] = choice["min_size"]
-                metrics = evaluate(LoadedModel(network, validated, device), val_samples)
+                metrics = evaluate(LoadedModel(network, validated, device), val_samples, val_masks, cancel=cancel)
                 set_train_mode(network, settings.freeze_norm)
                 event.update(metrics)
                 stale = 0 if metrics["object_f1"] > state.best_object_f1 else stale + 1
@@ -461,8 +484,16 @@ def replace_training(config: ModelConfig, settings: TrainSettings, state: TrainS
         "device": str(pick_device(settings.device)),
     })
     if best is not None:
-        record["validation"] = {k: round(v, 4) for k, v in best.items()}
+        record["validation"] = rounded_metrics(best)
     return dataclasses.replace(config, training=record)
+
+
+def rounded_metrics(metrics: dict | None) -> dict | None:
+    """Metrics as stored in a model file: 4 decimals, and None for what is not finite (an
+    object Hausdorff with objects on one side only), which JSON cannot hold."""
+    if metrics is None:
+        return None
+    return {k: round(float(v), 4) if math.isfinite(float(v)) else None for k, v in metrics.items()}
 
 
 def choose_min_size(model: LoadedModel, train_samples: list[Sample], *, progress=None, cancel=None) -> dict:
