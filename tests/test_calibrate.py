@@ -114,7 +114,7 @@ def test_thresholds_are_kept_only_when_the_held_back_images_agree(glas_crops, mo
     from glas_seg.backend import finetune as finetune_module
     from glas_seg.backend.data import Sample
 
-    def fake_evaluate(model, samples, masks=None, cancel=None):
+    def fake_evaluate(model, samples, masks=None, cancel=None, progress=None):
         tuned = model.config.interior_threshold != 0.5
         f1 = held_back_f1 if tuned else 0.6
         return {"pixel_dice": f1, "object_f1": f1, "object_f1_pooled": f1, "object_dice": f1, "object_hausdorff": 1.0}

@@ -172,6 +172,8 @@ def test_validation_share_reports_before_and_after(base):
     samples = [synthetic_sample(str(i), i) for i in range(3)]
     events = []
     result = finetune(str(base), samples, "v", FinetuneSettings(**FAST, val_fraction=0.34), progress=events.append)
+    assert events[0]["phase"] == "scoring the base model"
+    events = [e for e in events if "phase" not in e]
     assert len(result.val_names) == 1 and len(result.train_names) == 2
     assert events[0]["iteration"] == 0 and "object_f1" in events[0] and "loss" not in events[0]
     assert "object_f1" in events[-1]
@@ -218,6 +220,17 @@ def test_a_finetune_never_replaces_its_base(base):
         finetune("mine", [synthetic_sample("a", 0)], "mine", FinetuneSettings(**FAST), overwrite=True)
     assert digest(first.entry.path) == before
     finetune("mine", [synthetic_sample("a", 0)], "mine-2", FinetuneSettings(**{**FAST, "iterations": 1}))
+
+
+def test_work_around_training_reports_progress_per_image(base):
+    samples = [synthetic_sample(str(i), i) for i in range(3)]
+    events = []
+    finetune(str(base), samples, "phases", FinetuneSettings(**{**FAST, "calibrate": None}, layers="none",
+                                                            val_fraction=0.34), progress=events.append)
+    phases = [(e["phase"], e["done"], e["total"]) for e in events if "phase" in e]
+    assert phases[0] == ("scoring the base model", 1, 1)
+    assert ("choosing thresholds", 1, 2) in phases and ("choosing thresholds", 2, 2) in phases
+    assert all("iteration" not in e and e["elapsed"] >= 0 for e in events if "phase" in e)
 
 
 def test_a_validation_share_needs_two_images(base):

@@ -151,7 +151,7 @@ def test_early_stopping_keeps_the_best_checkpoint(base, monkeypatch):
     scores = iter([0.5, 0.6, 0.9, 0.7, 0.8, 0.95, 0.99])  # before training, then one per iteration
     snapshots = {}
 
-    def fake_evaluate(model, samples, masks=None, cancel=None):
+    def fake_evaluate(model, samples, masks=None, cancel=None, progress=None):
         f1 = next(scores)
         snapshots[len(snapshots)] = {k: v.detach().clone() for k, v in model.network.state_dict().items()}
         return {"pixel_dice": f1, "object_f1": f1, "object_f1_pooled": f1, "object_dice": f1, "object_hausdorff": 1.0}
@@ -176,7 +176,7 @@ def script_validation(monkeypatch, values) -> None:
     validation."""
     scores = iter(values)
 
-    def fake_evaluate(model, samples, masks=None, cancel=None):
+    def fake_evaluate(model, samples, masks=None, cancel=None, progress=None):
         f1 = next(scores)
         return {"pixel_dice": f1, "object_f1": f1, "object_f1_pooled": f1, "object_dice": f1, "object_hausdorff": 1.0}
 

@@ -362,7 +362,7 @@ class FinetuneWidget(Container):
 
         def job(report, cancel):
             def progress(event: dict) -> None:
-                report(int(event["iteration"]), int(event["total"]))
+                report(int(event["done" if "phase" in event else "iteration"]), int(event["total"]))
                 relay.event.emit(dict(event))
 
             return finetune(base, samples, name, settings, valid_masks=masks, description=description,
@@ -377,6 +377,10 @@ class FinetuneWidget(Container):
                          f"Fine-tuning {base} on {len(samples)} image(s)...")
 
     def _on_event(self, event: dict) -> None:
+        if "phase" in event:  # before or after training: one step per image
+            self.timing.value = (f"{event['phase'].capitalize()}: image {event['done']} of {event['total']} "
+                                 f"(elapsed {format_duration(event['elapsed'])})")
+            return
         self.history.append(event)
         self._show_timing(event)
         now = time.monotonic()

@@ -31,11 +31,18 @@ def _main_process() -> bool:
 def _training_reporter(bar):
     """Progress callback for training events: loss on the bar, one line per validation."""
 
+    description = bar.desc
+
     def progress(event: dict) -> None:
+        if "phase" in event:  # fine-tuning's work around training, one step per image
+            bar.set_description(f"{event['phase']} ({event['done']}/{event['total']} images)", refresh=True)
+            return
         if "object_f1" in event:
             bar.write(f"iteration {event['iteration']}: validation object F1 {event['object_f1']:.3f}, "
                       f"pixel Dice {event['pixel_dice']:.3f}", file=sys.stderr)
         if "loss" in event:
+            if bar.desc != description:
+                bar.set_description(description, refresh=False)
             bar.n = event["iteration"]
             bar.set_postfix(loss=f"{event['loss']:.3f}", refresh=False)
             bar.update(0)

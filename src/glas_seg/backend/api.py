@@ -378,7 +378,9 @@ def finetune(
         Called after each optimizer step (``total`` = ``iterations``).
     on_event : callable ``on_event(dict)``, optional
         Called after each step with ``iteration``, ``total``, ``loss``, ``lr`` and, where
-        measured, the validation metrics (``object_f1``, ``object_f1_pooled``, ``pixel_dice``...).
+        measured, the validation metrics (``object_f1``, ``object_f1_pooled``, ``pixel_dice``...);
+        before and after training, once per image with ``phase`` (e.g. ``"choosing thresholds"``),
+        ``done``, ``total`` and ``elapsed`` instead.
     cancel : threading.Event or callable returning bool, optional
         Checked every step; :class:`Cancelled` is raised and no model is written.
 

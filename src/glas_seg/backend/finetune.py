@@ -253,7 +253,9 @@ def finetune(
         (``elapsed``: seconds since the run started), plus validation metrics (``object_f1``,
         ``pixel_dice``...) where measured and ``stopped_early`` on the last step of a run that
         stopped early; once with ``iteration`` 0 and the base model's metrics before training
-        when there is validation.
+        when there is validation. The work before and after training reports
+        ``{"phase", "done", "total", "elapsed"}`` per image (``phase``: what it is doing, e.g.
+        ``"choosing thresholds"``); such events have no ``iteration``.
     cancel : threading.Event or callable, optional
         Checked every step and before saving; :class:`.inference.Cancelled` is raised and
         nothing is written to the store.
@@ -317,6 +319,15 @@ def finetune(
         if progress is not None:
             progress(event)
 
+    def phase(name: str):
+        """Progress of the work around training (scoring held-back images, choosing thresholds):
+        ``{"phase", "done", "total", "elapsed"}``, not part of the training history."""
+        def report(done: int, total: int) -> None:
+            if progress is not None:
+                progress({"phase": name, "done": int(done), "total": int(total),
+                          "elapsed": time.perf_counter() - started})
+        return report
+
     device = pick_device(settings.device)
     if device.type == "cpu":
         use_torch_threads()  # physical cores not busy elsewhere (backend/threads.py)
@@ -325,7 +336,8 @@ def finetune(
     try:
         if val:
             network = build_network(base_config, state, base_entry.path.name)
-            before = evaluate(LoadedModel(network.to(device).eval(), base_config, device), val, val_masks, cancel)
+            before = evaluate(LoadedModel(network.to(device).eval(), base_config, device), val, val_masks, cancel,
+                              progress=phase("scoring the base model"))
             network = None
             record({"iteration": 0, "total": settings.iterations, **before})
         if layers == "none":
@@ -345,7 +357,7 @@ def finetune(
             sizes = min_size_grid(config.min_size, FINETUNE_MIN_SIZE_FACTORS) if settings.calibrate_min_size else ()
             calibration = calibrate_thresholds(loaded, [s.image for s in train_samples],
                                                [s.labels for s in train_samples], masks=train_masks,
-                                               min_sizes=sizes, cancel=cancel)
+                                               min_sizes=sizes, progress=phase("choosing thresholds"), cancel=cancel)
             chosen = calibration.changed
             if chosen:
                 tuned = config_replace(config, interior_threshold=calibration.interior_threshold,
@@ -353,7 +365,8 @@ def finetune(
                                        min_size=calibration.min_size)
                 if val:  # the user's held-back images decide, as they do for the weights
                     reference = after if after is not None else before
-                    scored = evaluate(LoadedModel(loaded.network, tuned, device), val, val_masks, cancel)
+                    scored = evaluate(LoadedModel(loaded.network, tuned, device), val, val_masks, cancel,
+                                      progress=phase("scoring the thresholds"))
                     chosen = scored["object_f1"] >= reference["object_f1"]
                     after = scored if chosen else reference
                 if chosen:

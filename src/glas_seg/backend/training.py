@@ -180,7 +180,7 @@ def training_loss(output, target: torch.Tensor, settings: TrainSettings) -> torc
 
 
 def evaluate(model: LoadedModel, samples: list[Sample], masks: list[np.ndarray | None] | None = None,
-             cancel=None) -> dict[str, float]:
+             cancel=None, progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Segment full-resolution samples and score them.
 
     Parameters
@@ -192,6 +192,8 @@ def evaluate(model: LoadedModel, samples: list[Sample], masks: list[np.ndarray |
         are scored only there, predictions elsewhere are cleared as the labels are.
     cancel : threading.Event or callable, optional
         Checked before every image; :class:`Cancelled` is raised when set.
+    progress : callable ``progress(done, total)``, optional
+        Called after every image.
 
     Returns
     -------
@@ -211,6 +213,8 @@ def evaluate(model: LoadedModel, samples: list[Sample], masks: list[np.ndarray |
         matches += image_matches
         f1s.append(object_scores(image_matches)["object_f1"])
         dices.append(pixel_dice(labels, sample.labels))
+        if progress is not None:
+            progress(len(dices), len(samples))
     pooled = object_scores(matches)
     return {
         "pixel_dice": float(np.mean(dices)),
