@@ -102,7 +102,7 @@ def test_train_can_choose_the_smallest_object_on_its_training_images(tmp_path, c
     model_file = tmp_path / "m.safetensors"
     assert main(["train", "--out", str(tmp_path / "run"), "--model", "unet", "--arch-kwargs", '{"width": 4, "depth": 2}',
                  "--name", "m", *common, "--gap-weight", "5", "--loader-workers", "1", "--encoder-lr-factor", "0.5",
-                 "--export", str(model_file)]) == 0
+                 "--augment-strength", "1.5", "--export", str(model_file)]) == 0
     assert "chosen on the 3 training images" in capsys.readouterr().err
     config = load_model(model_file, "cpu").config
     choice = config.training["min_size_choice"]
@@ -115,6 +115,7 @@ def test_train_can_choose_the_smallest_object_on_its_training_images(tmp_path, c
     assert run_state["settings"]["gap_weight"] == 5  # --gap-weight reached the training settings
     assert run_state["settings"]["loader_workers"] == 1  # and --loader-workers
     assert run_state["settings"]["encoder_lr_factor"] == 0.5  # and --encoder-lr-factor
+    assert run_state["settings"]["augment_strength"] == 1.5  # and --augment-strength
 
 
 def test_train_can_start_from_a_trained_model(tmp_path, capsys):

@@ -163,7 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              seed=args.seed, device=args.device, glass=args.glass, glass_fill=args.glass_fill,
                              choose_min_size=args.choose_min_size, gap_weight=args.gap_weight,
                              gap_radius=args.gap_radius, pretrained=not args.no_pretrained,
-                             loader_workers=args.loader_workers, encoder_lr_factor=args.encoder_lr_factor)
+                             loader_workers=args.loader_workers, encoder_lr_factor=args.encoder_lr_factor,
+                             augment_strength=args.augment_strength)
     pick_device(args.device)
     config = ModelConfig(
         name=args.name, architecture=args.model, arch_kwargs=_json_object(args.arch_kwargs, "--arch-kwargs"),
@@ -429,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "fuse (0 = off; e.g. 5)")
     tr.add_argument("--gap-radius", type=int, default=4,
                     help="gaps up to twice this many working-scale pixels wide get --gap-weight")
+    tr.add_argument("--augment-strength", type=float, default=1.0,
+                    help="scale of the random rotations, scaling, elastic, colour and stain jitter, 0-2 "
+                         "(default: %(default)s, as the bundled models were trained)")
     tr.add_argument("--encoder-lr-factor", type=float, default=1.0,
                     help="learning rate of the (pretrained) encoder relative to --lr, e.g. 0.1")
     tr.add_argument("--loader-workers", type=int, default=None,
