@@ -69,6 +69,16 @@ def cohorts(task: str, data: Path, grade: str = "malignant") -> tuple[list, list
     return binary_mask_samples(data), []
 
 
+def replay_samples(data: Path, count: int) -> list:
+    """``count`` images of the training split (``dataset_split``, seed 0: what the bundled gland
+    models trained on), drawn with numpy seed 0: the replay set a fine-tune mixes in."""
+    from glas_seg.backend.data import dataset_split, load_sample
+
+    train_pairs, _ = dataset_split(data, seed=0)
+    picks = sorted(np.random.default_rng(0).choice(len(train_pairs), min(count, len(train_pairs)), replace=False))
+    return [load_sample(*train_pairs[i]) for i in picks]
+
+
 def choices(n_images: int, n_choices: int, k: int = 3) -> list[list[int]]:
     """``n_choices`` distinct sorted sets of ``k`` indices, set ``i`` drawn with seed ``i`` (and up)."""
     found, seed = [], 0
@@ -140,6 +150,10 @@ def run(args) -> None:
     picks = choices(len(cohort), args.choices)
     print(f"{args.task}: cohort {len(cohort)} images, original {len(original)}; choices "
           f"{[[cohort[i].name for i in p] for p in picks]}", file=sys.stderr, flush=True)
+    replay = replay_samples(data, args.replay) if args.replay else None
+    if replay:
+        print(f"replay: {len(replay)} training-split images ({', '.join(s.name for s in replay)})",
+              file=sys.stderr, flush=True)
     base = Scorer(args.base, args.tile_size)
     started = time.perf_counter()
     base.add(cohort + original)
@@ -155,7 +169,7 @@ def run(args) -> None:
             test = [s.name for i, s in enumerate(cohort) if i not in pick]
             load = os.getloadavg()[0]
             started = time.perf_counter()
-            result = finetune(args.base, tune, f"bench-{name}-{k}", settings, overwrite=True,
+            result = finetune(args.base, tune, f"bench-{name}-{k}", settings, overwrite=True, replay=replay,
                               description="benchmark: 3 images of an unseen cohort with ground truth")
             seconds = time.perf_counter() - started
             tuned = Scorer(result.entry.name, args.tile_size)
@@ -169,6 +183,7 @@ def run(args) -> None:
                 "layers": result.layers, "learning_rate": result.learning_rate,
                 "cohort_before": base.pooled(test), "cohort_after": tuned.pooled(test),
                 "base_scoring_seconds": round(base_seconds, 1),
+                "replay_images": [s.name for s in replay] if replay else [],
             }
             if original:
                 names = [s.name for s in original]
@@ -251,6 +266,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cohort", choices=["malignant", "benign"], default="malignant",
                         help="glands: which grade is the new cohort (the other is scored for forgetting)")
     parser.add_argument("--choices", type=int, default=3, help="different choices of the 3 images")
+    parser.add_argument("--replay", type=int, default=0,
+                        help="glands: mix this many training-split images into every fine-tune (finetune(replay=...))")
     parser.add_argument("--tile-size", type=int, default=None,
                         help="inference tile side (default: the model's); 512 runs a TNBC tile whole")
     parser.add_argument("--start-choice", type=int, default=0, help="skip the choices before this one")

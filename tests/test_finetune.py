@@ -233,6 +233,43 @@ def test_work_around_training_reports_progress_per_image(base):
     assert all("iteration" not in e and e["elapsed"] >= 0 for e in events if "phase" in e)
 
 
+def test_replay_images_are_drawn_by_their_share_and_recorded(base):
+    corrected = [synthetic_sample("new", 0)]
+    replay = [synthetic_sample("old1", 1), synthetic_sample("old2", 2)]
+    samples, masks, weights = finetune_module._with_replay(corrected, None, replay, 0.25)
+    assert [s.name for s in samples] == ["new", "old1", "old2"] and masks is None
+    assert weights == pytest.approx([0.75, 0.125, 0.125])
+    region = [np.zeros((96, 96), bool)]
+    _, masks, _ = finetune_module._with_replay(corrected, region, replay, 0.5)
+    assert len(masks) == 3 and masks[1].all() and masks[2].all()  # replay labels hold everywhere
+    assert finetune_module._with_replay(corrected, None, replay, 0.0)[2] is None
+
+    settings = FinetuneSettings(**{**FAST, "iterations": 2}, layers="all")
+    plain = finetune(str(base), corrected, "no-replay", settings)
+    mixed = finetune(str(base), corrected, "replay", settings, replay=replay)
+    a, b = load_state(plain.entry.path)[0], load_state(mixed.entry.path)[0]
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    training = read_config(mixed.entry.path).training
+    assert training["replay_images"] == ["old1", "old2"] and training["train_images"] == ["new"]
+    with pytest.raises(ValueError, match="replay share"):
+        FinetuneSettings(replay_share=1.0)
+
+
+def test_sample_weights_decide_which_samples_are_drawn():
+    labels = np.zeros((64, 64), np.int32)
+    samples = [Sample("dark", np.full((64, 64, 3), 0.2, np.float32), labels),
+               Sample("light", np.full((64, 64, 3), 0.8, np.float32), labels)]
+    dataset = PatchDataset(samples, 32, (0.5,) * 3, (0.5,) * 3, augment=False, seed=0, sample_weights=[0, 1])
+    assert all(torch.allclose(image, torch.tensor(0.6)) for image, _ in itertools.islice(iter(dataset), 10))
+    both = PatchDataset(samples, 32, (0.5,) * 3, (0.5,) * 3, augment=False, seed=0, sample_weights=[1, 1])
+    means = {round(float(image.mean()), 1) for image, _ in itertools.islice(iter(both), 20)}
+    assert means == {-0.6, 0.6}
+    with pytest.raises(ValueError, match="sample_weights"):
+        PatchDataset(samples, 32, (0.5,) * 3, (0.5,) * 3, sample_weights=[0, 0])
+    with pytest.raises(ValueError, match="sample_weights"):
+        PatchDataset(samples, 32, (0.5,) * 3, (0.5,) * 3, sample_weights=[1])
+
+
 def test_a_validation_share_needs_two_images(base):
     with pytest.raises(ValueError, match="at least 2 corrected images"):
         finetune(str(base), [synthetic_sample("a", 0)], "one", FinetuneSettings(**FAST, val_fraction=0.5))

@@ -284,14 +284,17 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                 val_fraction=args.val_fraction, eval_every=args.eval_every, seed=args.seed,
                                 device=args.device, freeze_norm=not args.update_norm_stats, layers=args.layers,
                                 l2sp=args.l2sp, augment_strength=args.augment_strength, patience=args.patience,
-                                calibrate=args.calibrate)
+                                calibrate=args.calibrate, replay_share=args.replay_share)
+    replay = samples_from_folders(args.replay) if args.replay else None
+    if replay:
+        print(f"{len(replay)} replay pair(s) from {args.replay}", file=sys.stderr)
     bar = _progress_bar(args.iterations, "fine-tune", "it")
     progress = _training_reporter(bar)
 
     description = f"folders {args.images_dir}" + (f" + {args.labels_dir}" if args.labels_dir else "")
     try:
         result = finetune(args.base, samples, args.name, settings, description=description,
-                          overwrite=args.overwrite, progress=progress)
+                          overwrite=args.overwrite, progress=progress, replay=replay)
     finally:
         bar.close()
     print(f"trained layers: {result.layers}, learning rate {result.learning_rate:g}", file=sys.stderr)
@@ -478,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--crop-size", type=int, default=ft_defaults.crop_size,
                     help="crop side at the model's working scale (default: %(default)s)")
     ft.add_argument("--no-augment", action="store_true", help="train on plain crops")
+    ft.add_argument("--replay", default=None, metavar="DIR",
+                    help="a folder of image/label pairs from the data the base model was trained on, mixed into "
+                         "training so that it does not forget that domain (pairs as for IMAGES_DIR)")
+    ft.add_argument("--replay-share", type=float, default=ft_defaults.replay_share,
+                    help="with --replay: share of the training crops drawn from it (default: %(default)s)")
     ft.add_argument("--augment-strength", type=float, default=ft_defaults.augment_strength,
                     help="scale of flips, rotations, elastic, colour and stain jitter, 0-2 (default: %(default)s)")
     ft.add_argument("--layers", choices=FINETUNE_LAYER_CHOICES, default=ft_defaults.layers,

@@ -192,6 +192,9 @@ class PatchDataset(torch.utils.data.IterableDataset):
         edge (:func:`.tissue.fill_glass`), as ``segment(mask_glass=True)`` shows glass to the
         network; the filled pixels are not scored (segmentation clears them), so the network
         learns to segment the tissue next to a mirrored edge, not what to call the mirror.
+    sample_weights : sequence of float, optional
+        How often each sample is drawn, relative to the others (e.g. a fine-tune's corrected
+        images against its replay images); None draws them uniformly.
 
     Yields
     ------
@@ -202,9 +205,16 @@ class PatchDataset(torch.utils.data.IterableDataset):
 
     def __init__(self, samples: list[Sample], crop_size: int, mean, std, augment: bool = True, seed: int = 0,
                  valid_masks: list[np.ndarray] | None = None, targets: str = "contours",
-                 contour_mode: str = "outer", glass: float = 0.0, glass_fill: float = 0.0) -> None:
+                 contour_mode: str = "outer", glass: float = 0.0, glass_fill: float = 0.0,
+                 sample_weights=None) -> None:
         if not samples:
             raise ValueError("No training samples")
+        self.sample_p = None
+        if sample_weights is not None:
+            weights = np.asarray(sample_weights, dtype=float)
+            if weights.shape != (len(samples),) or not np.all(weights >= 0) or not weights.sum() > 0:
+                raise ValueError(f"sample_weights must be {len(samples)} non-negative numbers, not all 0")
+            self.sample_p = weights / weights.sum()
         if targets not in ("contours", "instances"):
             raise ValueError(f"targets must be 'contours' or 'instances', not {targets!r}")
         self.targets = targets
@@ -260,7 +270,10 @@ class PatchDataset(torch.utils.data.IterableDataset):
             yield from self.reseeded(np.random.SeedSequence([self.seed, worker.id]))
             return
         while True:
-            i = int(self.rng.integers(len(self.samples)))
+            if self.sample_p is None:
+                i = int(self.rng.integers(len(self.samples)))
+            else:
+                i = int(self.rng.choice(len(self.samples), p=self.sample_p))
             sample = self.samples[i]
             # Shift ids by one so that 0 means "unknown": pixels outside the user's corrected
             # regions, padding and the corners a rotation brings in; the loss ignores them (-1).

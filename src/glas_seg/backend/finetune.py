@@ -228,6 +228,7 @@ def finetune(
     overwrite: bool = False,
     progress: Callable[[dict], None] | None = None,
     cancel=None,
+    replay: Sequence[Sample] | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``base`` on corrected samples and add the result to the user model store.
 
@@ -259,6 +260,11 @@ def finetune(
     cancel : threading.Event or callable, optional
         Checked every step and before saving; :class:`.inference.Cancelled` is raised and
         nothing is written to the store.
+    replay : sequence of Sample, optional
+        Annotated images of the data the base model was trained on, mixed into training
+        (``settings.replay_share`` of the crops) so that it does not forget that domain. They
+        are not held back, not scored and not used to choose thresholds; "auto" layers count
+        only the corrected images' objects.
 
     Returns
     -------
@@ -297,6 +303,8 @@ def finetune(
     )
     n_objects = count_objects(train_samples, train_masks)
     layers, learning_rate = settings.resolve(n_objects)
+    replay = list(replay or [])
+    fit_samples, fit_masks, weights = _with_replay(train_samples, train_masks, replay, settings.replay_share)
     if get_architecture(base_config.architecture).predicts_instances and (settings.calibrate or layers == "none"):
         raise GlasSegError(f"{base_entry.name} detects objects directly: it has no watershed thresholds to choose "
                            "(leave calibration off and train some layers)")
@@ -344,8 +352,9 @@ def finetune(
             loaded = LoadedModel(build_network(config, state, base_entry.path.name).to(device).eval(), config, device)
         else:
             with tempfile.TemporaryDirectory(prefix="glas-seg-finetune-") as run_dir:
-                loaded, _ = train(config, train_settings, train_samples, val, run_dir, init_state=state,
-                                  valid_masks=train_masks, progress=record, cancel=cancel, val_masks=val_masks)
+                loaded, _ = train(config, train_settings, fit_samples, val, run_dir, init_state=state,
+                                  valid_masks=fit_masks, progress=record, cancel=cancel, val_masks=val_masks,
+                                  sample_weights=weights)
                 if val:  # keep the checkpoint the user's held-back images liked best, not the last
                     best_iteration, after = _best_validation(history, before)
                     # Iteration 0 is the base model: when no checkpoint beat it, its weights are kept.
@@ -386,6 +395,7 @@ def finetune(
             "train_images": [s.name for s in train_samples],
             "val_images": [s.name for s in val],
             "corrected_regions_only": train_masks is not None,
+            "replay_images": [s.name for s in replay] if replay and layers != "none" else [],
             "iterations": 0 if layers == "none" else history[-1]["iteration"] if history else settings.iterations,
             "best_iteration": best_iteration,
             "settings": asdict(settings),
@@ -412,6 +422,20 @@ def finetune(
     return FinetuneResult(entry, history, before, after, [s.name for s in train_samples], [s.name for s in val],
                           time.perf_counter() - started, best_iteration,
                           any(e.get("stopped_early") for e in history), layers, learning_rate, thresholds)
+
+
+def _with_replay(samples: list[Sample], masks: list[np.ndarray] | None, replay: list[Sample], share: float):
+    """(training samples, their masks, their draw weights) with the replay images appended.
+
+    The corrected images share ``1 - share`` of the draws equally, the replay images ``share``;
+    replay images count as corrected everywhere. Without replay: the inputs and uniform draws.
+    """
+    if not replay or share <= 0:
+        return samples, masks, None
+    if masks is not None:
+        masks = [*masks, *(np.ones(s.labels.shape, bool) for s in replay)]
+    weights = [(1 - share) / len(samples)] * len(samples) + [share / len(replay)] * len(replay)
+    return [*samples, *replay], masks, weights
 
 
 def count_objects(samples: Sequence[Sample], masks: Sequence[np.ndarray] | None = None) -> int:

@@ -81,6 +81,11 @@ class FinetuneSettings:
         Keep the base model's batch-norm statistics (running mean and variance). Batches of a
         few crops from a few images would otherwise replace them, and the model would forget
         its original domain (see docs/finetuning.md for the measured difference).
+    replay_share : float in [0, 0.95]
+        With replay images (``finetune(replay=...)``, ``--replay``: images of the data the base
+        model was trained on): the share of training crops drawn from them, the rest from the
+        corrected images. Replay keeps the original domain in every batch while the corrected
+        images pull the model towards the new one.
     seed : int
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``... (see :func:`.registry.pick_device`).
@@ -101,6 +106,7 @@ class FinetuneSettings:
     freeze_norm: bool = True
     calibrate: bool | None = None
     calibrate_min_size: bool = False
+    replay_share: float = 0.5
     seed: int = 0
     device: str = "auto"
 
@@ -121,6 +127,8 @@ class FinetuneSettings:
             raise GlasSegError("L2-SP strength must be 0 or more")
         if not 0 <= self.augment_strength <= 2:
             raise GlasSegError("augmentation strength must be between 0 and 2")
+        if not 0 <= self.replay_share <= 0.95:
+            raise GlasSegError("replay share must be between 0 and 0.95 (some crops must come from the corrected images)")
         if self.patience < 0:
             raise GlasSegError("patience must be 0 or more")
         if self.layers == "none" and self.calibrate is False:

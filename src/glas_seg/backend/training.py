@@ -275,6 +275,7 @@ def train(
     progress: Callable[[dict], None] | None = None,
     cancel=None,
     val_masks: list[np.ndarray | None] | None = None,
+    sample_weights: list[float] | None = None,
 ) -> tuple[LoadedModel, TrainState]:
     """Train (or resume training) a model and keep its best checkpoint.
 
@@ -292,6 +293,8 @@ def train(
         Per training sample, where its labels are trustworthy; elsewhere the loss ignores pixels.
     val_masks : list of (bool ndarray or None), optional
         Per validation sample, where its labels hold (:func:`evaluate`).
+    sample_weights : list of float, optional
+        Per training sample, how often its crops are drawn relative to the others (uniform by default).
     progress : callable(dict), optional
         Called after every iteration with ``iteration``, ``total``, ``loss``, ``lr`` and, after
         each validation, the validation metrics.
@@ -371,7 +374,7 @@ def train(
                            seed=settings.seed + state.iteration, valid_masks=masks,
                            targets="instances" if predicts_instances else "contours",
                            contour_mode=config.targets, glass=settings.glass,
-                           glass_fill=settings.glass_fill)
+                           glass_fill=settings.glass_fill, sample_weights=sample_weights)
     if ddp is None:
         workers = settings.loader_workers
         workers = loader_workers(device.type) if workers is None else workers
