@@ -115,11 +115,11 @@ def test_finetune_cli_mixes_in_replay_pairs(bundled, tmp_path, capsys):
     write_pairs(tmp_path / "old", ["b", "c"], "glas")
     assert main(["finetune", str(tmp_path / "new"), "--base", "bundled-glands", "--name", "with-replay",
                  "--iterations", "2", "--batch-size", "2", "--crop-size", "32", "--device", "cpu", "--layers", "all",
-                 "--replay", str(tmp_path / "old"), "--replay-share", "0.3"]) == 0
+                 "--replay", str(tmp_path / "old"), "--replay-share", "0.3", "--optimizer", "sgd"]) == 0
     assert "2 replay pair(s)" in capsys.readouterr().err
     training = read_config(user_model_dir() / "with-replay.safetensors").training
     assert training["replay_images"] == ["b", "c"] and training["train_images"] == ["a"]
-    assert training["settings"]["replay_share"] == 0.3
+    assert training["settings"]["replay_share"] == 0.3 and training["settings"]["optimizer"] == "sgd"
 
 
 def test_finetune_cli_reports_missing_pairs(tmp_path, capsys):

@@ -253,6 +253,8 @@ def test_replay_images_are_drawn_by_their_share_and_recorded(base):
     assert training["replay_images"] == ["old1", "old2"] and training["train_images"] == ["new"]
     with pytest.raises(ValueError, match="replay share"):
         FinetuneSettings(replay_share=1.0)
+    with pytest.raises(ValueError, match="optimizer"):
+        FinetuneSettings(optimizer="amsgrad")
 
 
 def test_sample_weights_decide_which_samples_are_drawn():

@@ -9,7 +9,7 @@ from glas_seg.backend.data import Sample
 from glas_seg.backend.inference import Cancelled
 from glas_seg.backend.registry import build_model
 from glas_seg.backend.errors import GlasSegError
-from glas_seg.backend.training import TrainSettings, contour_loss, gap_mask, parameter_groups, train
+from glas_seg.backend.training import TrainSettings, contour_loss, gap_mask, make_optimizer, parameter_groups, train
 
 
 def disk_sample(seed, size=96):
@@ -108,6 +108,24 @@ def test_encoder_learning_rate_factor_splits_the_parameters_once():
     assert len(rest["params"]) + len(encoder["params"]) == len(names)
     with pytest.raises(GlasSegError, match="encoder learning-rate factor"):
         TrainSettings(encoder_lr_factor=0)
+
+
+def test_sgd_moves_weights_in_proportion_to_their_gradients():
+    """Adam steps every weight by about the learning rate, whatever its gradient; SGD does not."""
+    moved = {}
+    for name in ("adamw", "sgd"):
+        weights = torch.nn.Parameter(torch.zeros(2))
+        optimizer = make_optimizer([{"params": [weights]}], TrainSettings(optimizer=name, learning_rate=1e-2,
+                                                                          weight_decay=0))
+        (weights * torch.tensor([1.0, 1e-4])).sum().backward()  # one large gradient, one tiny
+        optimizer.step()
+        moved[name] = weights.detach().abs()
+    assert isinstance(make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}],
+                                     TrainSettings(optimizer="sgd")), torch.optim.SGD)
+    assert moved["adamw"][1] > 0.5 * moved["adamw"][0]  # the tiny gradient moves almost as far
+    assert moved["sgd"][1] < 1e-3 * moved["sgd"][0]
+    with pytest.raises(GlasSegError, match="optimizer"):
+        TrainSettings(optimizer="lbfgs")
 
 
 def test_a_slower_encoder_moves_less(tmp_path):

@@ -284,7 +284,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                 val_fraction=args.val_fraction, eval_every=args.eval_every, seed=args.seed,
                                 device=args.device, freeze_norm=not args.update_norm_stats, layers=args.layers,
                                 l2sp=args.l2sp, augment_strength=args.augment_strength, patience=args.patience,
-                                calibrate=args.calibrate, replay_share=args.replay_share)
+                                calibrate=args.calibrate, replay_share=args.replay_share, optimizer=args.optimizer)
     replay = samples_from_folders(args.replay) if args.replay else None
     if replay:
         print(f"{len(replay)} replay pair(s) from {args.replay}", file=sys.stderr)
@@ -415,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--crop-size", type=int, default=192)
     tr.add_argument("--lr", type=float, default=2e-3)
-    tr.add_argument("--optimizer", default="adamw", choices=["adamw", "amsgrad"])
+    tr.add_argument("--optimizer", default="adamw", choices=["adamw", "amsgrad", "sgd"],
+                    help="AdamW (default), AdamW with AMSGrad, or SGD with momentum 0.9")
     tr.add_argument("--min-size", type=int, default=400, help="default smallest object for this model, image pixels")
     tr.add_argument("--choose-min-size", action="store_true",
                     help="at every validation, first choose the smallest object kept (--min-size x 1 to 7.5) on "
@@ -481,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--crop-size", type=int, default=ft_defaults.crop_size,
                     help="crop side at the model's working scale (default: %(default)s)")
     ft.add_argument("--no-augment", action="store_true", help="train on plain crops")
+    ft.add_argument("--optimizer", choices=["adamw", "sgd"], default=ft_defaults.optimizer,
+                    help="AdamW, or SGD with momentum 0.9 (default: %(default)s)")
     ft.add_argument("--replay", default=None, metavar="DIR",
                     help="a folder of image/label pairs from the data the base model was trained on, mixed into "
                          "training so that it does not forget that domain (pairs as for IMAGES_DIR)")

@@ -314,6 +314,7 @@ def finetune(
         warmup=min(20, max(1, settings.iterations // 10)), augment=settings.augment, seed=settings.seed,
         device=settings.device, freeze_norm=settings.freeze_norm, layers=layers, l2sp=settings.l2sp,
         augment_strength=settings.augment_strength, patience=settings.patience if val else 0,
+        optimizer=settings.optimizer,
         # In the process, on a GPU too: a few images need no worker processes, and forking the
         # napari process (Qt, other threads) from the widget's worker thread is not safe.
         loader_workers=0,

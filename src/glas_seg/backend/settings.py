@@ -81,6 +81,9 @@ class FinetuneSettings:
         Keep the base model's batch-norm statistics (running mean and variance). Batches of a
         few crops from a few images would otherwise replace them, and the model would forget
         its original domain (see docs/finetuning.md for the measured difference).
+    optimizer : {"adamw", "sgd"}
+        AdamW, or SGD with momentum 0.9 (each weight moves in proportion to its gradient,
+        where Adam moves all of them by about the learning rate; docs/finetuning.md).
     replay_share : float in [0, 0.95]
         With replay images (``finetune(replay=...)``, ``--replay``: images of the data the base
         model was trained on): the share of training crops drawn from them, the rest from the
@@ -107,6 +110,7 @@ class FinetuneSettings:
     calibrate: bool | None = None
     calibrate_min_size: bool = False
     replay_share: float = 0.5
+    optimizer: str = "adamw"
     seed: int = 0
     device: str = "auto"
 
@@ -127,6 +131,8 @@ class FinetuneSettings:
             raise GlasSegError("L2-SP strength must be 0 or more")
         if not 0 <= self.augment_strength <= 2:
             raise GlasSegError("augmentation strength must be between 0 and 2")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise GlasSegError(f"optimizer must be adamw or sgd, not {self.optimizer!r}")
         if not 0 <= self.replay_share <= 0.95:
             raise GlasSegError("replay share must be between 0 and 0.95 (some crops must come from the corrected images)")
         if self.patience < 0:

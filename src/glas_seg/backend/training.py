@@ -46,7 +46,7 @@ class TrainSettings:
     crop_size: int = 192
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
-    optimizer: str = "adamw"  # or "amsgrad"
+    optimizer: str = "adamw"  # or "amsgrad", or "sgd" (momentum 0.9): make_optimizer
     warmup: int = 100
     boundary_weight: float = 3.0
     # Extra cross-entropy weight on background in narrow gaps between objects (gap_mask, gaps
@@ -254,6 +254,19 @@ def parameter_groups(network: torch.nn.Module, architecture: str, settings: Trai
              "lr": settings.learning_rate * settings.encoder_lr_factor}]
 
 
+def make_optimizer(groups: list[dict], settings: TrainSettings) -> torch.optim.Optimizer:
+    """AdamW (optionally AMSGrad), or SGD with momentum 0.9 (``settings.optimizer == "sgd"``).
+
+    Adam moves every parameter by about the learning rate per step whatever the size of its
+    gradient, so on a few images all 3.8 M weights of a network drift together; SGD moves each in
+    proportion to its gradient, the classic way to fine-tune every layer of a CNN.
+    """
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=settings.learning_rate, momentum=0.9, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(groups, lr=settings.learning_rate, weight_decay=settings.weight_decay,
+                             amsgrad=settings.optimizer == "amsgrad")
+
+
 def _schedule(settings: TrainSettings) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < settings.warmup:
@@ -324,10 +337,7 @@ def train(
         use_torch_threads()  # physical cores not busy elsewhere (backend/threads.py)
     torch.manual_seed(settings.seed)
     network = build_model(config).to(device)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(network, config.architecture, settings), lr=settings.learning_rate,
-        weight_decay=settings.weight_decay, amsgrad=settings.optimizer == "amsgrad",
-    )
+    optimizer = make_optimizer(parameter_groups(network, config.architecture, settings), settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings))
     state = TrainState()
     state_file = out_dir / "state.json"

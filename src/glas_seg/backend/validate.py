@@ -92,7 +92,7 @@ def check_train_settings(settings) -> None:
         number(getattr(settings, name), name.replace("_", " "), 0)
     number(settings.gap_weight, "gap weight", 0)
     integer(settings.gap_radius, "gap radius", 1, 64)
-    choice(settings.optimizer, "optimizer", ("adamw", "amsgrad"))
+    choice(settings.optimizer, "optimizer", ("adamw", "amsgrad", "sgd"))
     integer(settings.seed, "seed", 0)
     number(settings.encoder_lr_factor, "encoder learning-rate factor", 0, 10, low_open=True)
     if settings.loader_workers is not None:
