@@ -11,6 +11,8 @@ import threading
 import numpy as np
 import pytest
 
+from glas_seg.backend.checkpoint import read_config
+
 import glas_seg
 from glas_seg import Cancelled, GlasSegError
 
@@ -130,6 +132,13 @@ def test_finetune_saves_a_user_model_with_the_same_progress_contract():
         glas_seg.finetune(image, labels, "unet-glands", iterations=1)  # a bundled model's name
     with pytest.raises(GlasSegError):
         glas_seg.finetune([image, image], [labels], "x", iterations=1)
+    with pytest.raises(GlasSegError, match="together"):
+        glas_seg.finetune(image, labels, "x", iterations=1, replay_images=[image])
+    mixed = glas_seg.finetune(image, labels, "api-replay", iterations=1, batch_size=1, crop_size=64, device="cpu",
+                              layers="all", optimizer="sgd", replay_images=[image[:200, :300]],
+                              replay_labels=[labels[:200, :300]], replay_share=0.3)
+    training = read_config(mixed.entry.path).training
+    assert training["replay_images"] == ["replay_1"] and training["settings"]["optimizer"] == "sgd"
 
 
 def test_cli_segment_says_where_it_wrote_and_help_names_defaults(tmp_path, capsys):

@@ -310,6 +310,10 @@ def finetune(
     patience: int = _FT.patience,
     freeze_norm: bool = _FT.freeze_norm,
     calibrate: bool | None = _FT.calibrate,
+    optimizer: str = _FT.optimizer,
+    replay_images=None,
+    replay_labels=None,
+    replay_share: float = _FT.replay_share,
     seed: int = _FT.seed,
     device: str = _FT.device,
     description: str = "",
@@ -368,6 +372,12 @@ def finetune(
         After training, choose the watershed's interior and foreground thresholds that
         segment the corrected images best (a few seconds per image; pixel classifiers only);
         None: only with ``layers="none"``.
+    optimizer : {"adamw", "sgd"}
+        AdamW, or SGD with momentum 0.9.
+    replay_images, replay_labels : sequence of ndarray or path, optional
+        Annotated images of the data the base model was trained on, mixed into training
+        (``replay_share`` of the crops) so that it keeps that domain in every batch.
+    replay_share : float in ``[0, 0.95]``
     seed : int, default 0
     device : str, default ``"auto"``
     description : str
@@ -408,24 +418,33 @@ def finetune(
                                 crop_size=crop_size, augment=augment, augment_strength=augment_strength,
                                 layers=layers, l2sp=l2sp, val_fraction=val_fraction, eval_every=eval_every,
                                 patience=patience, freeze_norm=freeze_norm, calibrate=calibrate, seed=seed,
-                                device=device)
+                                device=device, optimizer=optimizer, replay_share=replay_share)
+    if (replay_images is None) != (replay_labels is None):
+        raise GlasSegError("give replay_images and replay_labels together")
     if not isinstance(base, (str, Path)):
         raise GlasSegError(f"base must be a model name or a .safetensors path, not {type(base).__name__}")
     from .finetune import finetune as _finetune
     from .finetune import samples_from_arrays
     from .image_io import read_image
 
-    samples = []
-    for index, (image, label) in enumerate(zip(image_list, label_list), start=1):
-        sample_name = Path(image).stem if isinstance(image, (str, Path)) else f"image_{index}"
-        image = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
-        label = _label_map(label, f"labels of {sample_name}")
-        if image.ndim not in (2, 3) or label.ndim != 2:
-            raise GlasSegError(f"{sample_name}: give 2D images (H, W[, C]) and 2D label maps (H, W)")
-        found, _ = samples_from_arrays(sample_name, image, label, rgb=image.ndim == 3)
-        if not found:
-            raise GlasSegError(f"{sample_name}: its label map holds no objects; nothing to learn from")
-        samples += found
+    def to_samples(image_list, label_list, prefix: str) -> list:
+        samples = []
+        for index, (image, label) in enumerate(zip(image_list, label_list), start=1):
+            sample_name = Path(image).stem if isinstance(image, (str, Path)) else f"{prefix}_{index}"
+            image = read_image(image) if isinstance(image, (str, Path)) else np.asarray(image)
+            label = _label_map(label, f"labels of {sample_name}")
+            if image.ndim not in (2, 3) or label.ndim != 2:
+                raise GlasSegError(f"{sample_name}: give 2D images (H, W[, C]) and 2D label maps (H, W)")
+            found, _ = samples_from_arrays(sample_name, image, label, rgb=image.ndim == 3)
+            if not found:
+                raise GlasSegError(f"{sample_name}: its label map holds no objects; nothing to learn from")
+            samples += found
+        return samples
+
+    samples = to_samples(image_list, label_list, "image")
+    replay = None
+    if replay_images is not None:
+        replay = to_samples(*_pairs(replay_images, replay_labels, ("replay image", "replay label map"))[:2], "replay")
     if masks is not None and any(m.shape != s.labels.shape for m, s in zip(masks, samples)):
         raise GlasSegError("Each mask must have its image's height and width")
     progress_events = step_progress(progress)
@@ -437,7 +456,7 @@ def finetune(
             on_event(event)
 
     return _finetune(str(base), samples, name, settings, valid_masks=masks, description=description,
-                     overwrite=overwrite, progress=events, cancel=cancel)
+                     overwrite=overwrite, progress=events, cancel=cancel, replay=replay)
 
 
 __all__ = ["segment", "load_model", "list_models", "evaluate", "finetune"]
