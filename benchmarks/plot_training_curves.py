@@ -51,7 +51,8 @@ def main() -> None:
 
         recorded = find_model(args.reference).config.training["validation"]
         for ax, (key, _) in zip(axes, PANELS):
-            ax.axhline(recorded[key], color="black", linestyle="--", linewidth=1, label=args.reference)
+            if recorded.get(key) is not None:  # None: not finite when it was stored
+                ax.axhline(recorded[key], color="black", linestyle="--", linewidth=1, label=args.reference)
     axes[0].legend(fontsize=8)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)

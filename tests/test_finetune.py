@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import hashlib
@@ -251,6 +252,8 @@ def test_replay_images_are_drawn_by_their_share_and_recorded(base):
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
     training = read_config(mixed.entry.path).training
     assert training["replay_images"] == ["old1", "old2"] and training["train_images"] == ["new"]
+    unmixed = finetune(str(base), corrected, "replay-0", dataclasses.replace(settings, replay_share=0.0), replay=replay)
+    assert read_config(unmixed.entry.path).training["replay_images"] == []  # a share of 0 mixes nothing in
     with pytest.raises(ValueError, match="replay share"):
         FinetuneSettings(replay_share=1.0)
     with pytest.raises(ValueError, match="optimizer"):

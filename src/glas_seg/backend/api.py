@@ -388,9 +388,7 @@ def finetune(
         Called after each optimizer step (``total`` = ``iterations``).
     on_event : callable ``on_event(dict)``, optional
         Called after each step with ``iteration``, ``total``, ``loss``, ``lr`` and, where
-        measured, the validation metrics (``object_f1``, ``object_f1_pooled``, ``pixel_dice``...);
-        before and after training, once per image with ``phase`` (e.g. ``"choosing thresholds"``),
-        ``done``, ``total`` and ``elapsed`` instead.
+        measured, the validation metrics (``object_f1``, ``object_f1_pooled``, ``pixel_dice``...).
     cancel : threading.Event or callable returning bool, optional
         Checked every step; :class:`Cancelled` is raised and no model is written.
 
@@ -452,7 +450,7 @@ def finetune(
     def events(event: dict) -> None:
         if progress_events is not None:
             progress_events(event)
-        if on_event is not None:
+        if on_event is not None and "iteration" in event:  # the step events this callback has always had
             on_event(event)
 
     return _finetune(str(base), samples, name, settings, valid_masks=masks, description=description,

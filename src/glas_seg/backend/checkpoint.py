@@ -137,7 +137,8 @@ def atomic_write(path: Path, write) -> None:
 def _fsync(path, folder: bool = False) -> None:
     """Flush a file (or a folder's entries) to the disk; folders cannot be opened on Windows."""
     try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+        # Windows' fsync needs a file opened for writing; folders can only be opened read-only.
+        fd = os.open(path, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if folder else os.O_RDWR)
     except OSError:
         if folder:
             return

@@ -228,7 +228,7 @@ class PatchDataset(torch.utils.data.IterableDataset):
         self.std = torch.tensor(std, dtype=torch.float32)[:, None, None]
         self.seed = seed
         self.rng = np.random.default_rng(seed)
-        self._known_pixels: dict[int, np.ndarray] = {}  # flat indices of corrected pixels, per sample
+        self._known_pixels: dict[int, np.ndarray | None] = {}  # flat indices of corrected pixels, per sample
 
     def _window_on_known(self, index: int) -> tuple[slice, slice]:
         """Where to crop sample ``index`` so that the crop holds corrected pixels.
@@ -240,9 +240,10 @@ class PatchDataset(torch.utils.data.IterableDataset):
         """
         mask = self.valid_masks[index]
         if index not in self._known_pixels:
-            self._known_pixels[index] = np.flatnonzero(mask)
+            # None: nothing, or everything, corrected (replay images): the augmenter's own crop.
+            self._known_pixels[index] = None if mask.all() or not mask.any() else np.flatnonzero(mask)
         known = self._known_pixels[index]
-        if known.size in (0, mask.size):  # nothing, or everything, corrected: the augmenter's own crop
+        if known is None:
             return slice(None), slice(None)
         side = self.augmenter.crop_size + 2 * self.augmenter.margin()
         centre = np.unravel_index(known[self.rng.integers(known.size)], mask.shape)

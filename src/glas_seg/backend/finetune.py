@@ -10,6 +10,7 @@ a cancelled or failed run leaves nothing behind.
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 from pathlib import Path
 import time
@@ -286,7 +287,8 @@ def finetune(
         if len(valid_masks) != len(samples) or any(m.shape != s.labels.shape for m, s in zip(valid_masks, samples)):
             raise GlasSegError("Give one region mask per image, each of the image's height and width")
     base_entry = find_model(base)
-    if overwrite and model_store.model_path(name).resolve() == base_entry.path.resolve():
+    target = model_store.model_path(name)
+    if overwrite and target.exists() and os.path.samefile(target, base_entry.path):
         raise GlasSegError(f"{name!r} is the base model: a fine-tune never replaces the model it starts from; "
                            "give the new model another name")
     state, base_config = load_state(base_entry.path)
@@ -396,7 +398,7 @@ def finetune(
             "train_images": [s.name for s in train_samples],
             "val_images": [s.name for s in val],
             "corrected_regions_only": train_masks is not None,
-            "replay_images": [s.name for s in replay] if replay and layers != "none" else [],
+            "replay_images": [s.name for s in fit_samples[len(train_samples):]] if layers != "none" else [],
             "iterations": 0 if layers == "none" else history[-1]["iteration"] if history else settings.iterations,
             "best_iteration": best_iteration,
             "settings": asdict(settings),
