@@ -278,12 +278,11 @@ class PatchDataset(torch.utils.data.IterableDataset):
             sample = self.samples[i]
             # Shift ids by one so that 0 means "unknown": pixels outside the user's corrected
             # regions, padding and the corners a rotation brings in; the loss ignores them (-1).
-            known = self.valid_masks[i] if self.valid_masks is not None else True
-            shifted = np.where(known, sample.labels.astype(np.int64) + 1, 0)
-            image = sample.image
-            if self.valid_masks is not None:
+            image, labels, known = sample.image, sample.labels, True
+            if self.valid_masks is not None:  # cut the window first: the whole image may be large
                 window = self._window_on_known(i)
-                image, shifted = image[window], shifted[window]
+                image, labels, known = image[window], labels[window], self.valid_masks[i][window]
+            shifted = np.where(known, labels.astype(np.int64) + 1, 0)
             image, shifted = self.augmenter(image, shifted)
             if self.glass > 0 and self.rng.random() < self.glass:
                 image, on_glass = glass_edge(image, self.rng)

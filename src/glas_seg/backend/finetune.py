@@ -306,7 +306,7 @@ def finetune(
     n_objects = count_objects(train_samples, train_masks)
     layers, learning_rate = settings.resolve(n_objects)
     replay = list(replay or [])
-    fit_samples, fit_masks, weights = _with_replay(train_samples, train_masks, replay, settings.replay_share)
+    fit_samples, fit_masks, draw_weights = _with_replay(train_samples, train_masks, replay, settings.replay_share)
     if get_architecture(base_config.architecture).predicts_instances and (settings.calibrate or layers == "none"):
         raise GlasSegError(f"{base_entry.name} detects objects directly: it has no watershed thresholds to choose "
                            "(leave calibration off and train some layers)")
@@ -357,7 +357,7 @@ def finetune(
             with tempfile.TemporaryDirectory(prefix="glas-seg-finetune-") as run_dir:
                 loaded, _ = train(config, train_settings, fit_samples, val, run_dir, init_state=state,
                                   valid_masks=fit_masks, progress=record, cancel=cancel, val_masks=val_masks,
-                                  sample_weights=weights)
+                                  sample_weights=draw_weights)
                 if val:  # keep the checkpoint the user's held-back images liked best, not the last
                     best_iteration, after = _best_validation(history, before)
                     # Iteration 0 is the base model: when no checkpoint beat it, its weights are kept.
